@@ -39,8 +39,16 @@ What differs from the paper (and the official code)
   - The split prior and coupling use contiguous channel halves (the official code interleaves).
   - Bits/dim is measured with one uniform-noise dequantization sample, as in the paper's tables.
 """
+import argparse
+import copy
+import hashlib
+import json
 import math
 import numbers
+import os
+import statistics
+import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -418,8 +426,17 @@ class Glow(nn.Module):
         return out
 
 
+
 # -----------------------------------------------------------------------------
-# Data: uint8 images in memory, dequantized on the fly.
+# Data: whole datasets as uint8 tensors in memory, dequantized on the fly.
+
+
+class UsageError(Exception):
+    """Bad flags, data or environment: reported as one line on stderr, exit code 2."""
+
+
+DATASETS = ("cifar10", "mnist", "fashion-mnist", "digits")
+INIT_BATCH = 256  # images for ActNorm's data-dependent init (the official code's n_batch_init)
 
 
 def preprocess(x, n_bits, noise=True, generator=None):
@@ -432,9 +449,577 @@ def preprocess(x, n_bits, noise=True, generator=None):
     x = torch.div(x, 2 ** (8 - n_bits), rounding_mode="floor").float() / n_bins - 0.5
     if noise:
         x = x + torch.rand(x.shape, generator=generator, device=x.device) / n_bins
-    return x
+    return x.contiguous(memory_format=torch.channels_last)  # faster convolutions, measured on CPU
 
 
 def postprocess(x):
     """The flow's scale back to [0, 1] for saving images."""
     return (x + 0.5).clamp(0, 1)
+
+
+def load_images(name, data_dir="./data", download=True):
+    """(train, test) uint8 tensors (N, C, H, W) of a dataset.
+
+    digits: scikit-learn's bundled 1797 8x8 digits (grey levels 0..16, clipped to 16 levels and
+    scaled to 0..255 in steps of 17, so --n-bits 4 keeps every level); fixed split, the first 1500
+    images train and the last 297 test. The others come through torchvision from data_dir."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+        images = torch.from_numpy(load_digits().images).clamp(max=15).mul(17).to(torch.uint8)[:, None]
+        return images[:1500], images[1500:]
+    import torchvision
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST,
+           "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
+    try:
+        splits = [cls(data_dir, train=train, download=download) for train in (True, False)]
+    except Exception as e:  # offline download, missing or corrupt files: torchvision raises many kinds
+        where = {"cifar10": f"{data_dir}/cifar-10-batches-py/ (the extracted cifar-10-python.tar.gz)",
+                 "mnist": f"{data_dir}/MNIST/raw/ (the four unzipped idx files)",
+                 "fashion-mnist": f"{data_dir}/FashionMNIST/raw/ (the four unzipped idx files; Debian's "
+                                  "dataset-fashion-mnist package has them gzipped)"}[name]
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"could not load {name} ({first_line}); put it in {where}, "
+                         f"or try the offline --dataset digits") from None
+    out = []
+    for split in splits:
+        data = torch.as_tensor(split.data)
+        out.append(data.permute(0, 3, 1, 2).contiguous() if data.ndim == 4 else data[:, None])  # NHWC / NHW
+    return out[0], out[1]
+
+
+def resize(images, size):
+    """Antialiased bilinear resize of uint8 images to size x size."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def batches(images, batch_size, seed, epoch, num_workers=0, rank=0, world_size=1):
+    """Shuffled batches of an epoch; the order depends on (seed, epoch) only, so a resumed run sees the same data."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+    sampler = DistributedSampler(TensorDataset(images), num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return DataLoader(TensorDataset(images), batch_size=batch_size, sampler=sampler, drop_last=True,
+                      num_workers=num_workers)
+
+
+# -----------------------------------------------------------------------------
+# Training: one loop for every mechanism; a schedule says which parts learn on each step.
+
+MODES = ("full", "alternate", "sequential")
+
+
+def learning_parts(phase, step, phase_steps, n_parts, every=1):
+    """The parts that learn on `step` of a phase, or None for end to end (every part, one objective).
+
+    full / finetune: None. alternate: one part at a time, round-robin, `every` steps per turn.
+    sequential: the phase's steps divided among the parts in order (greedy, part k alone for its share)."""
+    if phase in ("full", "finetune"):
+        return None
+    if phase == "alternate":
+        return [(step // every) % n_parts]
+    if phase == "sequential":
+        return [min(step * n_parts // phase_steps, n_parts - 1)]
+    raise ValueError(f"unknown phase {phase!r}")
+
+
+def step_loss(model, x, learning):
+    """The objective of one step: full bits/dim end to end, or the learning parts' truncated bits/dim.
+
+    One learning part: parts before it run without grad, later parts do not run (the cheap step).
+    Several: one pass with isolated boundaries; their sum trains each part on its own objective."""
+    if learning is None:
+        return bits_per_dim(model.log_prob(x), x, model.n_bits).mean()
+    if len(learning) == 1:
+        return model.part_loss(x, learning[0])
+    log_probs = model.truncated_log_probs(x)
+    return sum(bits_per_dim(log_probs[k], x, model.n_bits).mean() for k in learning)
+
+
+def make_optimizer(model, lrs):
+    """One Adam, one parameter group per part. Adam skips parameters without a gradient, so a part
+    that is not learning keeps its moments and step count for its next turn: exactly an optimizer
+    per part, and a finetuning step is all of them stepping together."""
+    groups = [{"params": list(part.parameters()), "lr": lr} for part, lr in zip(model.parts, lrs)]
+    device = next(model.parameters()).device
+    return torch.optim.Adam(groups, fused=device.type in ("cpu", "cuda"))  # one kernel for all parameters
+
+
+def train_step(model, optimizer, x, learning, lrs, updates, warmup):
+    """One optimisation step of the learning parts (None: all, end to end); returns the loss value.
+
+    Each part warms its learning rate up linearly over its own first `warmup` updates, so a part
+    that starts late (sequential) or learns a quarter of the time (alternate) still gets a warmup.
+    On a non-finite loss nothing is updated."""
+    active = range(len(model.parts)) if learning is None else learning
+    for k in active:
+        optimizer.param_groups[k]["lr"] = lrs[k] * min(1.0, (updates[k] + 1) / warmup)
+    optimizer.zero_grad(set_to_none=True)  # None, not zero: Adam then skips the parts not learning
+    loss = step_loss(model, x, learning)
+    value = loss.item()
+    if math.isfinite(value):
+        loss.backward()
+        optimizer.step()
+        for k in active:
+            updates[k] += 1
+    return value
+
+
+@torch.no_grad()
+def evaluate(model, images, batch_size, device):
+    """(full-model bits/dim, [bits/dim of the flow truncated after each part]) over all of `images`.
+
+    The dequantization noise comes from a fixed generator: every evaluation of every run sees the
+    same noisy test set, so curves are comparable and a resumed run reproduces its numbers."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(0)
+    totals = torch.zeros(len(model.parts), dtype=torch.float64, device=device)
+    for i in range(0, len(images), batch_size):
+        x = preprocess(images[i:i + batch_size].to(device), model.n_bits, generator=generator)
+        totals += torch.stack([bits_per_dim(lp, x, model.n_bits).double().sum() for lp in model.truncated_log_probs(x)])
+    model.train(was_training)
+    part_bpd = (totals / len(images)).tolist()
+    return part_bpd[-1], part_bpd
+
+
+def first_nonfinite_part(model, x):
+    """Which part's truncated objective first goes non-finite on batch x (for the error message)."""
+    with torch.no_grad():
+        for k, lp in enumerate(model.truncated_log_probs(x)):
+            if not torch.isfinite(lp).all():
+                return k
+    return None
+
+
+class NonFiniteLoss(Exception):
+    """A step produced a non-finite loss: the run stops, the last good checkpoint stays."""
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert isinstance(ckpt, dict) and {"model", "optimizer", "config", "epoch"} <= ckpt.keys()
+    except Exception as e:
+        raise UsageError(f"--resume: checkpoint {path} is corrupt or unreadable ({type(e).__name__})") from None
+    return ckpt
+
+
+def weights_hash(model):
+    """A short hash of every parameter and buffer: equal hashes mean identical weights."""
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_model(cfg, in_channels, device):
+    torch.manual_seed(cfg["seed"])
+    return Glow(in_channels=in_channels, image_size=cfg["image_size"], n_levels=cfg["levels"],
+                n_steps=cfg["steps"], hidden=cfg["hidden"], parts=cfg["parts"], n_bits=cfg["n_bits"],
+                part_prior=cfg["part_prior"]).to(device, memory_format=torch.channels_last)
+
+
+def prepare_data(cfg):
+    """Load, subset and resize the dataset named in cfg; fills in cfg['image_size'] if unset."""
+    train, test = load_images(cfg["dataset"], cfg["data_dir"])
+    if cfg["subset"]:
+        train = train[:cfg["subset"]]
+    cfg["image_size"] = cfg["image_size"] or train.shape[-1]
+    if cfg["image_size"] % 2 ** cfg["levels"]:
+        raise UsageError(f"image size {cfg['image_size']} is not divisible by 2^levels = {2 ** cfg['levels']}; "
+                         f"pass --image-size (e.g. {2 ** cfg['levels'] * max(1, cfg['image_size'] // 2 ** cfg['levels'])})")
+    return resize(train, cfg["image_size"]), resize(test, cfg["image_size"])
+
+
+def train(cfg, data=None, init_state=None, log=print, resume=False):
+    """Train as cfg says; returns {'history': per-epoch metrics, 'step_seconds': {learners: [s, ...]}, ...}.
+
+    Writes metrics.jsonl, samples_EEE.png and checkpoint.pt (atomically, every epoch) into cfg['out']
+    when it is set. init_state: a state_dict to start from (the comparison's shared start)."""
+    from torchvision.utils import save_image
+    from tqdm import tqdm
+    device = torch.device(cfg["device"])
+    out = cfg.get("out")
+    ckpt = load_checkpoint(os.path.join(out, "checkpoint.pt")) if resume else None
+    if ckpt:
+        cfg = {**ckpt["config"], **{k: cfg[k] for k in ("epochs", "finetune", "device", "num_workers", "out")}}
+    train_images, test_images = data if data is not None else prepare_data(cfg)
+    model = build_model(cfg, train_images.shape[1], device)
+    n_parts = len(model.parts)
+    lrs = cfg["part_lr"] or [cfg["lr"]] * n_parts
+    if len(lrs) != n_parts:
+        raise UsageError(f"--part-lr gives {len(lrs)} rates for {n_parts} parts")
+    optimizer = make_optimizer(model, lrs)
+    updates = [0] * n_parts  # each part's own update count drives its own warmup
+    history, epoch0, seconds, steps = [], 0, 0.0, 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        updates, epoch0, seconds, steps = ckpt["updates"], ckpt["epoch"], ckpt["seconds"], ckpt["steps"]
+        history = ckpt["history"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    else:
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        model.initialize(preprocess(train_images[:INIT_BATCH].to(device), cfg["n_bits"],
+                                    generator=torch.Generator(device=device).manual_seed(cfg["seed"])))
+        torch.manual_seed(cfg["seed"])  # the same noise stream for every mechanism from here on
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.jsonl"), "w") as f:  # rewritten: exactly the checkpointed epochs
+            f.writelines(json.dumps(m) + "\n" for m in history)
+    start_hash = weights_hash(model)
+    steps_per_epoch = len(train_images) // cfg["batch_size"]
+    if steps_per_epoch == 0:
+        raise UsageError(f"batch size {cfg['batch_size']} is larger than the {len(train_images)} training images")
+    step_seconds = {}
+    model.train()
+    for epoch in range(epoch0 + 1, cfg["epochs"] + cfg["finetune"] + 1):
+        phase = cfg["mode"] if epoch <= cfg["epochs"] else "finetune"
+        phase_epoch = epoch - 1 if phase != "finetune" else epoch - 1 - cfg["epochs"]
+        phase_steps = (cfg["epochs"] if phase != "finetune" else cfg["finetune"]) * steps_per_epoch
+        full_bpd, part_sums, part_counts = [], [0.0] * n_parts, [0] * n_parts
+        sync(device)
+        t0 = time.perf_counter()
+        loader = batches(train_images, cfg["batch_size"], cfg["seed"], epoch, cfg["num_workers"])
+        for i, (batch,) in enumerate(tqdm(loader, desc=f"epoch {epoch} {phase}", leave=False, disable=None)):
+            ts = time.perf_counter()
+            x = preprocess(batch.to(device, non_blocking=True), cfg["n_bits"])
+            learning = learning_parts(phase, phase_epoch * steps_per_epoch + i, phase_steps, n_parts,
+                                      cfg["alternate_every"])
+            value = train_step(model, optimizer, x, learning, lrs, updates, cfg["warmup"])
+            if not math.isfinite(value):
+                k = learning[0] if learning and len(learning) == 1 else first_nonfinite_part(model, x)
+                raise NonFiniteLoss(f"non-finite loss in part {k + 1 if k is not None else '?'} of {n_parts} "
+                                    f"at epoch {epoch} ({phase}), step {i}; the last good checkpoint is kept")
+            steps += 1
+            if learning is None or learning == [n_parts - 1]:
+                full_bpd.append(value)  # the loss of these steps is the full model's bits/dim
+            if learning is not None and len(learning) == 1:
+                part_sums[learning[0]] += value
+                part_counts[learning[0]] += 1
+            if phase != "finetune":
+                step_seconds.setdefault(str(learning), []).append(time.perf_counter() - ts)
+        sync(device)
+        seconds += time.perf_counter() - t0
+        test_bpd, part_bpd = evaluate(model, test_images, cfg["batch_size"], device)
+        if not math.isfinite(test_bpd):
+            k = next(k for k, v in enumerate(part_bpd) if not math.isfinite(v))
+            raise NonFiniteLoss(f"non-finite test bits/dim in part {k + 1} of {n_parts} at epoch {epoch} ({phase}); "
+                                f"the last good checkpoint is kept")
+        metrics = {"epoch": epoch, "phase": phase,
+                   "train_bpd": statistics.fmean(full_bpd) if full_bpd else None,
+                   "test_bpd": test_bpd, "part_losses": part_bpd,
+                   "train_part_losses": [s / c if c else None for s, c in zip(part_sums, part_counts)],
+                   "seconds": seconds, "steps": steps}
+        history.append(metrics)
+        train_txt = f"{metrics['train_bpd']:.3f}" if full_bpd else "  -  "
+        log(f"epoch {epoch:3d} | {phase:10s} | train {train_txt} | test {test_bpd:.3f} | parts "
+            + " ".join(f"{v:.3f}" for v in part_bpd) + f" | {seconds:7.1f} s")
+        if out:
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            save_image(postprocess(model.sample(64, temperature=0.7)).float().cpu(),
+                       os.path.join(out, f"samples_{epoch:03d}.png"), nrow=8)
+            rng = {"cpu": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "updates": updates,
+                         "epoch": epoch, "seconds": seconds, "steps": steps, "history": history, "rng": rng,
+                         "config": cfg}, os.path.join(out, "checkpoint.pt"))
+    return {"history": history, "step_seconds": step_seconds, "model": model, "config": cfg,
+            "start_hash": start_hash}
+
+
+# -----------------------------------------------------------------------------
+# Experiment: the mechanisms side by side from the same start; what one step costs.
+
+
+def measure_step(model, x, learning):
+    """What one training step holds and sends: (activation bytes, boundary backward bytes, CUDA peak bytes).
+
+    activation bytes: storage of the tensors autograd saves for backward (parameters excluded).
+    boundary bytes: gradient that flows backwards into a part's input from the part after it,
+    counted by a hook on each part's input that fires only if a gradient really arrives there."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, crossing = {}, [0]
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_ptrs:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def count(grad):
+        crossing[0] += grad.numel() * grad.element_size()
+
+    def watch_input(module, args):
+        if args[0].requires_grad:
+            args[0].register_hook(count)
+
+    hooks = [part.register_forward_pre_hook(watch_input) for part in model.parts[1:]]
+    cuda = x.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step_loss(model, x, learning)
+    loss.backward()
+    peak = torch.cuda.max_memory_allocated(x.device) if cuda else None
+    for h in hooks:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    return sum(saved.values()), crossing[0], peak
+
+
+def step_costs(model, x, mode):
+    """measure_step for the steps a mechanism takes; for per-part mechanisms the largest part's step."""
+    n = len(model.parts)
+    steps = [None] if mode == "full" else [[k] for k in range(n)]
+    costs = [measure_step(model, x, learning) for learning in steps]
+    peaks = [c[2] for c in costs if c[2] is not None]
+    return {"activation_bytes": max(c[0] for c in costs), "boundary_backward_bytes": max(c[1] for c in costs),
+            "cuda_max_memory_allocated": max(peaks) if peaks else None}
+
+
+def compare(cfg, modes=("full", "alternate"), log=print):
+    """Train each mechanism from the same initial weights, data order and seed; write compare.json/png.
+
+    full trains epochs + finetune epochs end to end (the same total); every other mode trains its
+    `epochs`, then `finetune` epochs end to end."""
+    device = torch.device(cfg["device"])
+    data = prepare_data(cfg)
+    model = build_model(cfg, data[0].shape[1], device)
+    x = preprocess(data[0][:INIT_BATCH].to(device), cfg["n_bits"],
+                   generator=torch.Generator(device=device).manual_seed(cfg["seed"]))
+    model.initialize(x)
+    init_state = copy.deepcopy(model.state_dict())
+    probe = preprocess(data[0][:cfg["batch_size"]].to(device), cfg["n_bits"])
+    runs = []
+    for mode in modes:
+        log(f"--- {mode}")
+        run_cfg = dict(cfg, mode=mode, out=os.path.join(cfg["out"], mode),
+                       epochs=cfg["epochs"] + (cfg["finetune"] if mode == "full" else 0),
+                       finetune=0 if mode == "full" else cfg["finetune"])
+        result = train(run_cfg, data, init_state=init_state, log=log)
+        per_learner = [statistics.median(v) for v in result["step_seconds"].values()]
+        runs.append({"name": mode if mode == "full" or not cfg["finetune"] else f"{mode}+finetune",
+                     "mode": mode, "epochs": run_cfg["epochs"], "finetune": run_cfg["finetune"],
+                     "final_test_bpd": result["history"][-1]["test_bpd"],
+                     "train_seconds": result["history"][-1]["seconds"],
+                     "step_seconds": statistics.fmean(per_learner),
+                     **step_costs(result["model"], probe, mode),
+                     "start_hash": result["start_hash"], "curve": result["history"]})
+    target = next((r["final_test_bpd"] for r in runs if r["mode"] == "full"), None)
+    for r in runs:
+        hit = [m["seconds"] for m in r["curve"] if target is not None and m["test_bpd"] <= target]
+        r["time_to_target"] = hit[0] if hit else None
+    summary = {"config": cfg, "target_bpd": target, "runs": runs}
+    with open(os.path.join(cfg["out"], "compare.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    plot_compare(summary, os.path.join(cfg["out"], "compare.png"))
+    log(summary_table(summary))
+    return summary
+
+
+def summary_table(summary):
+    """The comparison as a Markdown table (ratios relative to the full run)."""
+    full = next((r for r in summary["runs"] if r["mode"] == "full"), summary["runs"][0])
+    rows = ["| run | final test bpd | train s | time / full | time to full's bpd (s) | step ms | step / full "
+            "| activations MB | boundary grad KB |", "|---" * 9 + "|"]
+    for r in summary["runs"]:
+        ttt = f"{r['time_to_target']:.0f}" if r["time_to_target"] is not None else "never"
+        rows.append(f"| {r['name']} | {r['final_test_bpd']:.3f} | {r['train_seconds']:.0f} | "
+                    f"{r['train_seconds'] / full['train_seconds']:.2f} | {ttt} | {1e3 * r['step_seconds']:.1f} | "
+                    f"{r['step_seconds'] / full['step_seconds']:.2f} | {r['activation_bytes'] / 2 ** 20:.1f} | "
+                    f"{r['boundary_backward_bytes'] / 2 ** 10:.0f} |")
+    return "\n".join(rows)
+
+
+def plot_compare(summary, path):
+    """Test bits/dim against epoch and against training seconds; dotted lines mark finetuning's start."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for r in summary["runs"]:
+        curve = r["curve"]
+        for ax, key in zip(axes, ("epoch", "seconds")):
+            line, = ax.plot([m[key] for m in curve], [m["test_bpd"] for m in curve], marker=".", label=r["name"])
+            start = next((m for m in curve if m["phase"] == "finetune"), None)
+            if start is not None:
+                prev = curve[curve.index(start) - 1] if curve.index(start) else {"epoch": 0, "seconds": 0}
+                ax.axvline(prev[key], color=line.get_color(), linestyle=":", alpha=0.7)
+    if summary["target_bpd"] is not None:
+        for ax in axes:
+            ax.axhline(summary["target_bpd"], color="grey", linewidth=0.8, alpha=0.6)
+    axes[0].set(xlabel="epoch", ylabel="test bits/dim", title="per epoch")
+    axes[1].set(xlabel="training seconds", title="per second of training (the poster's claim)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage too)
+        raise UsageError(message)
+
+
+def parse_parts(text):
+    try:
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--parts wants comma-separated integers like 32,16,16,32, got {text!r}")
+
+
+def parse_floats(text):
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want comma-separated numbers like 1e-3,2e-3, got {text!r}")
+
+
+def make_parser():
+    p = Parser(description="Glow trained in gradient-isolated parts (full, alternate, sequential) "
+                           "and the poster's comparison.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", default="alternate", help=f"training mechanism: {', '.join(MODES)}")
+    p.add_argument("--epochs", type=int, default=60, help="epochs of the mechanism")
+    p.add_argument("--finetune", type=int, default=0, help="end-to-end epochs after the mechanism's epochs")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
+    g.add_argument("--data-dir", default="./data", help="torchvision datasets are read from / downloaded to here")
+    g.add_argument("--image-size", type=int, default=None, help="resize to this size (default: native)")
+    g.add_argument("--n-bits", type=int, default=None, help="bits per pixel kept (default: 8; 4 for digits)")
+    g.add_argument("--subset", type=int, default=None, help="use only the first N training images")
+    g = p.add_argument_group("model")
+    g.add_argument("--levels", type=int, default=3, help="L, levels of the multi-scale flow")
+    g.add_argument("--steps", type=int, default=32, help="K, flow steps per level")
+    g.add_argument("--hidden", type=int, default=512, help="channels of the coupling networks")
+    g.add_argument("--parts", type=parse_parts, default=None,
+                   help="steps per part, e.g. 32,16,16,32 (default: that split for 3x32 steps, else one part per level)")
+    g.add_argument("--part-prior", default="standard", choices=("standard", "learned"),
+                   help="prior on an intermediate part's output: N(0, I), or a learned diagonal Gaussian")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--part-lr", type=parse_floats, default=None, help="one learning rate per part (overrides --lr)")
+    g.add_argument("--warmup", type=int, default=500, help="linear warmup, in each part's own updates")
+    g.add_argument("--alternate-every", type=int, default=1, help="steps per turn in alternate mode")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="run directory (default: runs/<dataset>-<mode>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out up to the requested epochs")
+    g = p.add_argument_group("experiment")
+    g.add_argument("--compare", action="store_true",
+                   help="train the mechanisms side by side from the same start into --out; write compare.json/png")
+    g.add_argument("--compare-modes", default="full,alternate", help="mechanisms --compare trains")
+    return p
+
+
+def check_args(args):
+    """Every check of the flags that does not need the data: raises UsageError with one clear line."""
+    if args.mode not in MODES:
+        raise UsageError(f"unknown --mode {args.mode!r}; choose one of {', '.join(MODES)}")
+    if args.dataset not in DATASETS:
+        raise UsageError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    for name in ("epochs", "finetune"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("batch_size", "levels", "steps", "hidden", "warmup", "alternate_every", "subset", "image_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.num_workers < 0:
+        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if not args.lr > 0 or (args.part_lr and not all(lr > 0 for lr in args.part_lr)):
+        raise UsageError("learning rates must be positive")
+    if args.n_bits is None:
+        args.n_bits = 4 if args.dataset == "digits" else 8
+    if not 1 <= args.n_bits <= 16:
+        raise UsageError(f"--n-bits must be in 1..16, got {args.n_bits}")
+    if args.n_bits > 8:
+        raise UsageError(f"--n-bits {args.n_bits}: the {args.dataset} images have 8 bits per pixel")
+    if args.parts is None and (args.levels, args.steps) == (3, 32):
+        args.parts = [32, 16, 16, 32]  # the poster's split: the middle level halved
+    try:
+        args.parts = check_parts(args.parts, args.levels, args.steps)
+    except ValueError as e:
+        raise UsageError(f"--parts: {e}") from None
+    if args.part_lr and len(args.part_lr) != len(args.parts):
+        raise UsageError(f"--part-lr gives {len(args.part_lr)} rates for {len(args.parts)} parts")
+    if args.image_size is not None and args.image_size % 2 ** args.levels:
+        raise UsageError(f"--image-size {args.image_size} is not divisible by 2^levels = {2 ** args.levels}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {args.device}: no such CUDA device ({torch.cuda.device_count()} available)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {args.device}: only cpu, cuda and mps are supported")
+    if args.compare:
+        args.compare_modes = args.compare_modes.split(",")
+        bad = [m for m in args.compare_modes if m not in MODES]
+        if bad or "full" not in args.compare_modes:
+            raise UsageError(f"--compare-modes must list 'full' and only {', '.join(MODES)}; got {args.compare_modes}")
+    args.out = args.out or os.path.join("runs", f"{args.dataset}-{'compare' if args.compare else args.mode}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file, not a directory")
+    if args.resume and args.compare:
+        raise UsageError("--resume continues one run; rerun --compare into a new --out instead")
+    if not args.resume and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+        raise UsageError(f"--out {args.out} already holds a run: pass --resume to continue it, or choose another --out")
+    return args
+
+
+def main(argv=None):
+    try:
+        args = check_args(make_parser().parse_args(argv))
+        cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "compare_modes")}
+        if args.compare:
+            os.makedirs(args.out, exist_ok=True)
+            compare(cfg, args.compare_modes)
+        else:
+            train(cfg, resume=args.resume)
+    except UsageError as e:
+        print(f"glow_parts.py: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"glow_parts.py: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("glow_parts.py: interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

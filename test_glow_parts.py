@@ -230,3 +230,275 @@ def test_default_model_is_the_cifar10_glow_with_one_part_per_level():
     model = gp.Glow()
     assert len(model.parts) == 3 and model.part_sizes == [32, 32, 32]
     assert sum(isinstance(l, gp.FlowStep) for p in model.parts for l in p.layers) == 96
+
+
+# --- training mechanisms, data, checkpoints, the CLI
+
+import json  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+TINY = ["--dataset", "digits", "--levels", "2", "--steps", "2", "--hidden", "16", "--subset", "512",
+        "--batch-size", "32", "--warmup", "10", "--lr", "2e-3"]
+
+
+def tiny_cfg(tmp_path=None, **overrides):
+    args = gp.check_args(gp.make_parser().parse_args(TINY + ["--out", str(tmp_path or "unused")]))
+    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "compare_modes")}
+    cfg["out"] = str(tmp_path) if tmp_path else None
+    cfg.update(overrides)
+    return cfg
+
+
+def initial_test_bpd(cfg):
+    train_images, test_images = gp.prepare_data(dict(cfg))
+    model = gp.build_model(cfg, 1, torch.device("cpu"))
+    model.initialize(gp.preprocess(train_images[:gp.INIT_BATCH], cfg["n_bits"]))
+    return gp.evaluate(model, test_images, 64, torch.device("cpu"))[0]
+
+
+@pytest.mark.parametrize("mode", gp.MODES)
+def test_each_mechanism_lowers_test_bpd_on_digits(mode):
+    cfg = tiny_cfg(mode=mode, epochs=4)
+    result = gp.train(cfg, log=lambda *a: None)
+    start, end = initial_test_bpd(cfg), result["history"][-1]["test_bpd"]
+    assert end < start - 0.1, (mode, start, end)
+
+
+def test_schedule_alternate_round_robin_and_sequential_in_order():
+    assert [gp.learning_parts("alternate", s, 100, 3) for s in range(4)] == [[0], [1], [2], [0]]
+    assert [gp.learning_parts("alternate", s, 100, 2, every=2) for s in range(5)] == [[0], [0], [1], [1], [0]]
+    seq = [gp.learning_parts("sequential", s, 9, 3)[0] for s in range(9)]
+    assert seq == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert gp.learning_parts("full", 0, 9, 3) is None and gp.learning_parts("finetune", 5, 9, 3) is None
+
+
+@pytest.mark.parametrize("learning", [[0], [1], [2], None])
+def test_a_step_changes_only_the_scheduled_parts_parameters(learning):
+    model = tiny_glow([3, 1, 2])
+    x = torch.rand(16, 1, 8, 8) - 0.5
+    model.initialize(x)
+    optimizer = gp.make_optimizer(model, [1e-2] * 3)
+    for k in range(3):  # every part has Adam state from an earlier turn: skipping must still hold
+        gp.train_step(model, optimizer, x, [k], [1e-2] * 3, [0, 0, 0], 1)
+    before = [[p.detach().clone() for p in part.parameters()] for part in model.parts]
+    gp.train_step(model, optimizer, x, learning, [1e-2] * 3, [5, 5, 5], 1)
+    for k, part in enumerate(model.parts):
+        changed = any(not torch.equal(p, q) for p, q in zip(part.parameters(), before[k]))
+        assert changed == (learning is None or k in learning), (learning, k)
+
+
+def test_finetune_phase_follows_the_mode_and_trains_every_part(tmp_path):
+    cfg = tiny_cfg(tmp_path, mode="alternate", epochs=2, finetune=1)
+    result = gp.train(cfg, log=lambda *a: None)
+    assert [m["phase"] for m in result["history"]] == ["alternate", "alternate", "finetune"]
+    assert all(v is not None for v in result["history"][0]["train_part_losses"])
+    assert all(v is None for v in result["history"][2]["train_part_losses"])  # end to end: no part alone
+    assert result["history"][2]["steps"] == 3 * (512 // 32)
+
+
+def test_cli_run_writes_metrics_checkpoint_and_samples(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "glow_parts.py", *TINY, "--mode", "sequential", "--epochs", "2",
+                           "--finetune", "1", "--out", str(out)], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    for m in lines:
+        assert {"epoch", "phase", "train_bpd", "test_bpd", "part_losses", "seconds", "steps"} <= m.keys()
+        assert len(m["part_losses"]) == 2 and m["part_losses"][-1] == m["test_bpd"]
+    assert lines[0]["seconds"] < lines[1]["seconds"] < lines[2]["seconds"]
+    assert sorted(p.name for p in out.glob("samples_*.png")) == ["samples_001.png", "samples_002.png", "samples_003.png"]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["config"]["mode"] == "sequential" and "optimizer" in ckpt
+    assert proc.stdout.count("epoch") == 3
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    common = TINY + ["--mode", "alternate"]
+    assert gp.main(common + ["--epochs", "3", "--out", str(tmp_path / "straight")]) == 0
+    assert gp.main(common + ["--epochs", "2", "--out", str(tmp_path / "cut")]) == 0
+    assert gp.main(common + ["--epochs", "3", "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    read = lambda d: [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    straight, resumed = read("straight"), read("cut")
+    assert [m["epoch"] for m in resumed] == [1, 2, 3]
+    assert resumed[-1]["test_bpd"] == straight[-1]["test_bpd"]
+    assert resumed[-1]["part_losses"] == straight[-1]["part_losses"]
+
+
+def write_cifar10(root, n_train=20, n_test=10):
+    """A tiny CIFAR-10 in torchvision's own on-disk format (pickled batches in cifar-10-batches-py/)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = {}
+    for name, n in [*((f"data_batch_{i}", n_train // 5) for i in range(1, 6)), ("test_batch", n_test)]:
+        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        images[name] = data
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": [0] * n}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
+    return images
+
+
+def test_cifar10_loads_from_torchvision_files_on_disk(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+    images = write_cifar10(tmp_path)
+    # torchvision checks the real archive's md5 sums; our tiny files are in its format but not those bytes
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    train, test = gp.load_images("cifar10", str(tmp_path), download=False)
+    assert train.shape == (20, 3, 32, 32) and test.shape == (10, 3, 32, 32) and train.dtype == torch.uint8
+    first = images["data_batch_1"][0].reshape(3, 32, 32)  # CIFAR stores planes R, G, B
+    assert np.array_equal(train[0].numpy(), first)
+
+
+def write_idx_images(path, images):
+    n, h, w = images.shape
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + n.to_bytes(4, "big") + h.to_bytes(4, "big") + w.to_bytes(4, "big"))
+        f.write(images.tobytes())
+
+
+def write_idx_labels(path, n):
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + bytes(n))
+
+
+def test_fashion_mnist_loads_idx_files_and_resizes(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("t10k", 6)):
+        write_idx_images(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx_labels(raw / f"{split}-labels-idx1-ubyte", n)
+    cfg = tiny_cfg(dataset="fashion-mnist", data_dir=str(tmp_path), image_size=16, subset=10, levels=2)
+    train, test = gp.prepare_data(cfg)
+    assert train.shape == (10, 1, 16, 16) and test.shape == (6, 1, 16, 16) and train.dtype == torch.uint8
+
+
+def offline(monkeypatch):
+    import torchvision.datasets.cifar as cifar
+    import torchvision.datasets.mnist as mnist
+
+    def no_network(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(cifar, "download_and_extract_archive", no_network)
+    monkeypatch.setattr(mnist, "download_and_extract_archive", no_network)
+
+
+BAD = {
+    "unknown dataset": ["--dataset", "imagenet"],
+    "unknown mode": ["--mode", "greedy"],
+    "parts do not sum": ["--parts", "1,2"],
+    "parts not integers": ["--parts", "2,x"],
+    "parts not positive": ["--parts", "4,0"],
+    "image size": ["--image-size", "10"],
+    "negative epochs": ["--epochs", "-1"],
+    "negative finetune": ["--finetune", "-2"],
+    "batch size": ["--batch-size", "0"],
+    "lr": ["--lr", "0"],
+    "levels": ["--levels", "0"],
+    "steps": ["--steps", "0"],
+    "hidden": ["--hidden", "0"],
+    "subset": ["--subset", "0"],
+    "n bits low": ["--n-bits", "0"],
+    "n bits high": ["--n-bits", "17"],
+    "part lr count": ["--part-lr", "1e-3"],
+    "unknown flag": ["--bogus"],
+    "not a number": ["--epochs", "many"],
+    "no such device": ["--device", "cuda:7"],
+    "not a device": ["--device", "toaster"],
+    "batch larger than data": ["--subset", "16", "--batch-size", "32"],
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_exits_2_with_one_line_and_no_traceback(case, tmp_path, capsys):
+    code = gp.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")] + BAD[case])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("glow_parts.py: error:") and err.count("\n") == 1, (case, err)
+
+
+def test_missing_data_offline_says_where_to_put_files(tmp_path, capsys, monkeypatch):
+    offline(monkeypatch)
+    for dataset, where in (("cifar10", "cifar-10-batches-py"), ("fashion-mnist", "FashionMNIST/raw")):
+        code = gp.main(["--dataset", dataset, "--data-dir", str(tmp_path / "data"), "--levels", "2", "--steps", "2",
+                        "--epochs", "1", "--image-size", "16", "--out", str(tmp_path / dataset)])
+        err = capsys.readouterr().err
+        assert code == 2 and where in err and "--dataset digits" in err and err.count("\n") == 1, err
+
+
+def test_resume_without_or_with_a_corrupt_checkpoint_and_out_as_file_exit_2(tmp_path, capsys):
+    assert gp.main(TINY + ["--out", str(tmp_path / "empty"), "--resume"]) == 2
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert gp.main(TINY + ["--out", str(tmp_path / "bad"), "--resume"]) == 2
+    (tmp_path / "file").write_text("x")
+    assert gp.main(TINY + ["--out", str(tmp_path / "file")]) == 2
+    assert gp.main(TINY + ["--out", str(tmp_path / "bad")]) == 2  # holds a run: never overwritten silently
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and all(line.startswith("glow_parts.py: error:") for line in err)
+
+
+def test_bad_input_from_the_shell_exits_2_without_traceback():
+    proc = subprocess.run([sys.executable, "glow_parts.py", "--dataset", "digits", "--parts", "1,1"],
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--parts" in proc.stderr
+
+
+def test_nonfinite_loss_stops_naming_part_and_epoch_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
+    real, calls = gp.step_loss, [0]
+
+    def poisoned(model, x, learning):
+        calls[0] += 1
+        loss = real(model, x, learning)
+        return loss * float("nan") if calls[0] > 512 // 32 + 3 else loss  # epoch 2, fourth step
+    monkeypatch.setattr(gp, "step_loss", poisoned)
+    out = tmp_path / "run"
+    code = gp.main(TINY + ["--mode", "alternate", "--epochs", "3", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "part 2 of 2" in err and "epoch 2" in err, err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+# --- the poster's comparison
+
+
+def test_compare_starts_every_run_from_the_same_weights_and_reports_every_field(tmp_path):
+    out = tmp_path / "cmp"
+    assert gp.main(TINY + ["--compare", "--compare-modes", "full,alternate,sequential", "--epochs", "2",
+                           "--finetune", "1", "--out", str(out)]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert (out / "compare.png").stat().st_size > 10_000
+    runs = {r["mode"]: r for r in summary["runs"]}
+    assert set(runs) == {"full", "alternate", "sequential"}
+    assert len({r["start_hash"] for r in runs.values()}) == 1  # identical initial weights
+    for r in runs.values():
+        for key in ("name", "final_test_bpd", "train_seconds", "time_to_target", "step_seconds",
+                    "activation_bytes", "boundary_backward_bytes", "curve"):
+            assert key in r, key
+        assert len(r["curve"]) == 3 and r["step_seconds"] > 0
+    assert [m["phase"] for m in runs["alternate"]["curve"]] == ["alternate", "alternate", "finetune"]
+    assert [m["phase"] for m in runs["full"]["curve"]] == ["full"] * 3
+    assert runs["full"]["time_to_target"] == runs["full"]["train_seconds"]  # reaches its own final value
+    assert runs["alternate"]["activation_bytes"] < runs["full"]["activation_bytes"]
+    assert runs["alternate"]["boundary_backward_bytes"] == 0 == runs["sequential"]["boundary_backward_bytes"]
+    # full: the gradient of the one boundary activation, (32, 2, 4, 4) float32 after level 1
+    assert runs["full"]["boundary_backward_bytes"] == 32 * 2 * 4 * 4 * 4
+
+
+def test_measure_step_counts_boundary_bytes_at_a_mid_level_cut():
+    model = tiny_glow([3, 1, 2])
+    x = torch.rand(8, 1, 8, 8) - 0.5
+    model.initialize(x)
+    act, crossing, _ = gp.measure_step(model, x, None)
+    # boundaries: after part 0 (mid level 1: 8 channels at 2x2), after part 1 (split: 4 channels at 2x2)
+    assert crossing == 8 * (8 * 2 * 2 + 4 * 2 * 2) * 4
+    assert all(gp.measure_step(model, x, [k])[1] == 0 for k in range(3))
+    assert all(gp.measure_step(model, x, [k])[0] < act for k in range(3))
