@@ -264,10 +264,11 @@ def check_parts(parts, n_levels, n_steps):
 def bits_per_dim(log_prob, x, n_bits):
     """Discrete NLL in bits per dimension from the continuous log-density log p(x) (nats, (B,)).
 
+    x: the batch of images (or just D, the dimensions of one image).
     Pixels are integers in n_bins = 2^n_bits bins of width 1/n_bins on [-0.5, 0.5]; with uniform
     dequantization log P(bin) >= log p(x) - D * log(n_bins), so the bits/dim are
     (-log p(x) + D log n_bins) / (D ln 2) = -log p(x) / (D ln 2) + n_bits."""
-    D = x[0].numel()
+    D = x if isinstance(x, int) else x[0].numel()
     return -log_prob / (D * math.log(2)) + n_bits
 
 
@@ -325,6 +326,7 @@ class Glow(nn.Module):
         if part_prior not in ("standard", "learned"):
             raise ValueError(f"part_prior must be 'standard' or 'learned', got {part_prior!r}")
         self.n_bits, self.part_sizes = n_bits, parts
+        self.n_dims = in_channels * image_size ** 2  # D
         owner = [k for k, size in enumerate(parts) for _ in range(size)]  # part of each global step
         layers = [[] for _ in parts]
         shapes = [None] * len(parts)  # output shape of each part
@@ -346,6 +348,7 @@ class Glow(nn.Module):
             for k in range(len(parts)))
         self.n_splits = n_levels - 1
         self.initialized_checked = False
+        self.wrappers = None  # DistributedDataParallel wrappers of the parts (a plain list, not in state_dict)
 
     # --- data-dependent initialisation
 
@@ -368,8 +371,8 @@ class Glow(nn.Module):
     def run(self, h, start, stop):
         """Parts start..stop-1 end to end: (h, split-off zs, sum of log-dets, sum of split log-priors)."""
         zs, logdet, logp = [], 0, 0
-        for part in self.parts[start:stop]:
-            h, z, ld, lp = part(h)
+        for k in range(start, stop):
+            h, z, ld, lp = self.part_call(k, h)
             zs += z
             logdet, logp = logdet + ld, logp + lp
         return h, zs, logdet, logp
@@ -407,24 +410,34 @@ class Glow(nn.Module):
         self._ensure_initialized(x)
         with torch.no_grad():  # the terms of parts before k are constants for part k: no graph kept
             h, _, logdet, logp = self.run(x, 0, k)
-        part = self.parts[k]
-        h, _, ld, lp = part(isolate(h))
-        log_prob = logdet + logp + ld + lp + part.prior.log_prob(h)
+        log_prob, _, _ = self.truncated(k, h, logdet + logp)
         return bits_per_dim(log_prob, x, self.n_bits).mean()
+
+    def truncated(self, k, h, const=0):
+        """Part k on its isolated input h_{k-1}: (log p_k(x) (B,), h_k, the constants for later parts).
+
+        const carries the earlier parts' log-dets and split log-priors, without grad."""
+        part = self.parts[k]
+        h, _, logdet, logp = self.part_call(k, isolate(h))
+        return const + logdet + logp + part.prior.log_prob(h), h, const + (logdet + logp).detach()
 
     def truncated_log_probs(self, x):
         """[log p_k(x) for every part k] in nats, (B,) each, in one pass with every boundary isolated.
 
-        Summing their losses and calling backward trains every part on its own objective at once;
-        under no_grad it evaluates every truncated flow for the cost of one forward pass."""
+        Summing their losses and calling backward trains every part on its own objective at once
+        (--mode parallel); under no_grad it evaluates every truncated flow for one forward pass."""
         self._ensure_initialized(x)
-        out, const, h = [], 0, x
-        for part in self.parts:
-            h, _, ld, lp = part(isolate(h))
-            out.append(const + ld + lp + part.prior.log_prob(h))
-            const = const + (ld + lp).detach()  # constants for every later part
+        out, h, const = [], x, 0
+        for k in range(len(self.parts)):
+            log_prob, h, const = self.truncated(k, h, const)
+            out.append(log_prob)
         return out
 
+    def part_call(self, k, h):
+        """Run part k, through its data-parallel wrapper when one is set and gradients are being made."""
+        if self.wrappers is not None and torch.is_grad_enabled():
+            return self.wrappers[k](h)
+        return self.parts[k](h)
 
 
 # -----------------------------------------------------------------------------
@@ -436,6 +449,7 @@ class UsageError(Exception):
 
 
 DATASETS = ("cifar10", "mnist", "fashion-mnist", "digits")
+NATIVE = {"cifar10": (3, 32), "mnist": (1, 28), "fashion-mnist": (1, 28), "digits": (1, 8)}  # channels, size
 INIT_BATCH = 256  # images for ActNorm's data-dependent init (the official code's n_batch_init)
 
 
@@ -508,34 +522,37 @@ def batches(images, batch_size, seed, epoch, num_workers=0, rank=0, world_size=1
 # -----------------------------------------------------------------------------
 # Training: one loop for every mechanism; a schedule says which parts learn on each step.
 
-MODES = ("full", "alternate", "sequential")
+MODES = ("full", "alternate", "sequential", "parallel")
 
 
 def learning_parts(phase, step, phase_steps, n_parts, every=1):
     """The parts that learn on `step` of a phase, or None for end to end (every part, one objective).
 
     full / finetune: None. alternate: one part at a time, round-robin, `every` steps per turn.
-    sequential: the phase's steps divided among the parts in order (greedy, part k alone for its share)."""
+    sequential: the phase's steps divided among the parts in order (greedy, part k alone for its share).
+    parallel: every part every step, each on its own objective from its predecessor's detached output."""
     if phase in ("full", "finetune"):
         return None
     if phase == "alternate":
         return [(step // every) % n_parts]
     if phase == "sequential":
         return [min(step * n_parts // phase_steps, n_parts - 1)]
+    if phase == "parallel":
+        return list(range(n_parts))
     raise ValueError(f"unknown phase {phase!r}")
 
 
-def step_loss(model, x, learning):
-    """The objective of one step: full bits/dim end to end, or the learning parts' truncated bits/dim.
+def step_losses(model, x, learning):
+    """The objective(s) of one step: [full bits/dim] end to end, else each learning part's truncated bits/dim.
 
     One learning part: parts before it run without grad, later parts do not run (the cheap step).
     Several: one pass with isolated boundaries; their sum trains each part on its own objective."""
     if learning is None:
-        return bits_per_dim(model.log_prob(x), x, model.n_bits).mean()
+        return bits_per_dim(model.log_prob(x), x, model.n_bits).mean()[None]
     if len(learning) == 1:
-        return model.part_loss(x, learning[0])
+        return model.part_loss(x, learning[0])[None]
     log_probs = model.truncated_log_probs(x)
-    return sum(bits_per_dim(log_probs[k], x, model.n_bits).mean() for k in learning)
+    return torch.stack([bits_per_dim(log_probs[k], x, model.n_bits).mean() for k in learning])
 
 
 def make_optimizer(model, lrs):
@@ -548,23 +565,28 @@ def make_optimizer(model, lrs):
 
 
 def train_step(model, optimizer, x, learning, lrs, updates, warmup):
-    """One optimisation step of the learning parts (None: all, end to end); returns the loss value.
+    """One optimisation step of the learning parts (None: all, end to end); returns the loss values.
 
     Each part warms its learning rate up linearly over its own first `warmup` updates, so a part
     that starts late (sequential) or learns a quarter of the time (alternate) still gets a warmup.
-    On a non-finite loss nothing is updated."""
+    On a non-finite loss nothing is updated. Under torchrun (data parallel) the values are
+    averaged over the processes, so every process takes the same decision."""
     active = range(len(model.parts)) if learning is None else learning
     for k in active:
         optimizer.param_groups[k]["lr"] = lrs[k] * min(1.0, (updates[k] + 1) / warmup)
     optimizer.zero_grad(set_to_none=True)  # None, not zero: Adam then skips the parts not learning
-    loss = step_loss(model, x, learning)
-    value = loss.item()
-    if math.isfinite(value):
-        loss.backward()
+    losses = step_losses(model, x, learning)
+    values = losses.detach().clone()
+    if model.wrappers is not None:
+        torch.distributed.all_reduce(values)
+        values /= torch.distributed.get_world_size()
+    values = values.tolist()
+    if all(math.isfinite(v) for v in values):
+        losses.sum().backward()
         optimizer.step()
         for k in active:
             updates[k] += 1
-    return value
+    return values
 
 
 @torch.no_grad()
@@ -638,43 +660,39 @@ def build_model(cfg, in_channels, device):
 
 
 def prepare_data(cfg):
-    """Load, subset and resize the dataset named in cfg; fills in cfg['image_size'] if unset."""
+    """Load, subset and resize the dataset named in cfg."""
     train, test = load_images(cfg["dataset"], cfg["data_dir"])
     if cfg["subset"]:
         train = train[:cfg["subset"]]
-    cfg["image_size"] = cfg["image_size"] or train.shape[-1]
-    if cfg["image_size"] % 2 ** cfg["levels"]:
-        raise UsageError(f"image size {cfg['image_size']} is not divisible by 2^levels = {2 ** cfg['levels']}; "
-                         f"pass --image-size (e.g. {2 ** cfg['levels'] * max(1, cfg['image_size'] // 2 ** cfg['levels'])})")
     return resize(train, cfg["image_size"]), resize(test, cfg["image_size"])
 
 
-def train(cfg, data=None, init_state=None, log=print, resume=False):
-    """Train as cfg says; returns {'history': per-epoch metrics, 'step_seconds': {learners: [s, ...]}, ...}.
+def rank_and_world():
+    """(rank, number of processes): (0, 1) unless launched by torchrun."""
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-    Writes metrics.jsonl, samples_EEE.png and checkpoint.pt (atomically, every epoch) into cfg['out']
-    when it is set. init_state: a state_dict to start from (the comparison's shared start)."""
-    from torchvision.utils import save_image
-    from tqdm import tqdm
+
+def start_run(cfg, data=None, init_state=None, resume=False):
+    """Everything a run holds before its first step, fresh or from cfg['out']/checkpoint.pt.
+
+    A resumed run takes its config from the checkpoint, except the epochs to reach and the device."""
     device = torch.device(cfg["device"])
-    out = cfg.get("out")
-    ckpt = load_checkpoint(os.path.join(out, "checkpoint.pt")) if resume else None
+    ckpt = load_checkpoint(os.path.join(cfg["out"], "checkpoint.pt")) if resume else None
     if ckpt:
         cfg = {**ckpt["config"], **{k: cfg[k] for k in ("epochs", "finetune", "device", "num_workers", "out")}}
     train_images, test_images = data if data is not None else prepare_data(cfg)
+    if len(train_images) < cfg["batch_size"]:
+        raise UsageError(f"batch size {cfg['batch_size']} is larger than the {len(train_images)} training images")
     model = build_model(cfg, train_images.shape[1], device)
-    n_parts = len(model.parts)
-    lrs = cfg["part_lr"] or [cfg["lr"]] * n_parts
-    if len(lrs) != n_parts:
-        raise UsageError(f"--part-lr gives {len(lrs)} rates for {n_parts} parts")
-    optimizer = make_optimizer(model, lrs)
-    updates = [0] * n_parts  # each part's own update count drives its own warmup
-    history, epoch0, seconds, steps = [], 0, 0.0, 0
+    lrs = cfg["part_lr"] or [cfg["lr"]] * len(model.parts)
+    run = {"cfg": cfg, "device": device, "model": model, "lrs": lrs, "optimizer": make_optimizer(model, lrs),
+           "updates": [0] * len(model.parts),  # each part's own update count drives its own warmup
+           "history": [], "epoch": 0, "seconds": 0.0, "steps": 0, "train": train_images, "test": test_images}
     if ckpt:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        updates, epoch0, seconds, steps = ckpt["updates"], ckpt["epoch"], ckpt["seconds"], ckpt["steps"]
-        history = ckpt["history"]
+        run["optimizer"].load_state_dict(ckpt["optimizer"])
+        run.update({k: ckpt[k] for k in ("updates", "epoch", "seconds", "steps", "history")})
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
@@ -683,70 +701,103 @@ def train(cfg, data=None, init_state=None, log=print, resume=False):
             model.load_state_dict(init_state)
         model.initialize(preprocess(train_images[:INIT_BATCH].to(device), cfg["n_bits"],
                                     generator=torch.Generator(device=device).manual_seed(cfg["seed"])))
-        torch.manual_seed(cfg["seed"])  # the same noise stream for every mechanism from here on
+        torch.manual_seed(cfg["seed"] + rank_and_world()[0])  # the same noise stream for every mechanism
+    if cfg.get("out") and rank_and_world()[0] == 0:
+        os.makedirs(cfg["out"], exist_ok=True)
+        with open(os.path.join(cfg["out"], "metrics.jsonl"), "w") as f:  # exactly the checkpointed epochs
+            f.writelines(json.dumps(m) + "\n" for m in run["history"])
+    return run
+
+
+def phase_of(cfg, epoch, steps_per_epoch):
+    """(phase, index of the epoch's first step within its phase, steps in the phase) of a 1-based epoch."""
+    if epoch <= cfg["epochs"]:
+        return cfg["mode"], (epoch - 1) * steps_per_epoch, cfg["epochs"] * steps_per_epoch
+    return "finetune", (epoch - 1 - cfg["epochs"]) * steps_per_epoch, cfg["finetune"] * steps_per_epoch
+
+
+def finish_epoch(run, epoch, phase, train_parts, test_bpd, part_bpd, log):
+    """Record and print the epoch's metrics; write samples and the checkpoint (atomically)."""
+    n_parts = len(part_bpd)
+    if not math.isfinite(test_bpd):
+        k = next(k for k, v in enumerate(part_bpd) if not math.isfinite(v))
+        raise NonFiniteLoss(f"non-finite test bits/dim in part {k + 1} of {n_parts} at epoch {epoch} ({phase}); "
+                            f"the last good checkpoint is kept")
+    metrics = {"epoch": epoch, "phase": phase,
+               "train_bpd": train_parts[-1],  # mean over the epoch's steps that ran the whole flow
+               "test_bpd": test_bpd, "part_losses": part_bpd,
+               "train_part_losses": None if phase in ("full", "finetune") else train_parts,
+               "seconds": run["seconds"], "steps": run["steps"]}
+    run["history"].append(metrics)
+    train_txt = f"{train_parts[-1]:.3f}" if train_parts[-1] is not None else "  -  "
+    log(f"epoch {epoch:3d} | {phase:10s} | train {train_txt} | test {test_bpd:.3f} | parts "
+        + " ".join(f"{v:.3f}" for v in part_bpd) + f" | {run['seconds']:7.1f} s")
+    out, model, device = run["cfg"].get("out"), run["model"], run["device"]
     if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "metrics.jsonl"), "w") as f:  # rewritten: exactly the checkpointed epochs
-            f.writelines(json.dumps(m) + "\n" for m in history)
-    start_hash = weights_hash(model)
-    steps_per_epoch = len(train_images) // cfg["batch_size"]
-    if steps_per_epoch == 0:
-        raise UsageError(f"batch size {cfg['batch_size']} is larger than the {len(train_images)} training images")
+        from torchvision.utils import save_image
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        save_image(postprocess(model.sample(64, temperature=0.7)).float().cpu(),
+                   os.path.join(out, f"samples_{epoch:03d}.png"), nrow=8)
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        save_atomic({"model": model.state_dict(), "optimizer": run["optimizer"].state_dict(),
+                     "updates": run["updates"], "epoch": epoch, "seconds": run["seconds"], "steps": run["steps"],
+                     "history": run["history"], "rng": rng, "config": run["cfg"]}, os.path.join(out, "checkpoint.pt"))
+
+
+def train(cfg, data=None, init_state=None, log=print, resume=False):
+    """Train as cfg says, in one process or data parallel under torchrun (one DDP wrapper per part).
+
+    Returns {'history': per-epoch metrics, 'step_seconds': {learning parts: [seconds, ...]}, 'model', ...};
+    writes metrics.jsonl, samples_EEE.png and checkpoint.pt into cfg['out'] when it is set."""
+    from tqdm import tqdm
+    run = start_run(cfg, data, init_state, resume)
+    cfg, model, optimizer, device = run["cfg"], run["model"], run["optimizer"], run["device"]
+    n_parts, start_hash = len(model.parts), weights_hash(model)
+    rank, world = rank_and_world()
+    if world > 1:  # data parallel: each process a slice of every global batch; gradients averaged per part
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model.wrappers = [DDP(part, device_ids=[device.index] if device.type == "cuda" else None,
+                              broadcast_buffers=False, find_unused_parameters=cfg["part_prior"] == "learned")
+                          for part in model.parts]  # construction broadcasts rank 0's (initialised) weights
+    steps_per_epoch = len(run["train"]) // cfg["batch_size"]
     step_seconds = {}
     model.train()
-    for epoch in range(epoch0 + 1, cfg["epochs"] + cfg["finetune"] + 1):
-        phase = cfg["mode"] if epoch <= cfg["epochs"] else "finetune"
-        phase_epoch = epoch - 1 if phase != "finetune" else epoch - 1 - cfg["epochs"]
-        phase_steps = (cfg["epochs"] if phase != "finetune" else cfg["finetune"]) * steps_per_epoch
-        full_bpd, part_sums, part_counts = [], [0.0] * n_parts, [0] * n_parts
+    for epoch in range(run["epoch"] + 1, cfg["epochs"] + cfg["finetune"] + 1):
+        phase, first_step, phase_steps = phase_of(cfg, epoch, steps_per_epoch)
+        part_sums, part_counts = [0.0] * n_parts, [0] * n_parts
         sync(device)
         t0 = time.perf_counter()
-        loader = batches(train_images, cfg["batch_size"], cfg["seed"], epoch, cfg["num_workers"])
-        for i, (batch,) in enumerate(tqdm(loader, desc=f"epoch {epoch} {phase}", leave=False, disable=None)):
+        loader = batches(run["train"], cfg["batch_size"] // world, cfg["seed"], epoch, cfg["num_workers"], rank, world)
+        for i, (batch,) in enumerate(tqdm(loader, desc=f"epoch {epoch} {phase}", leave=False,
+                                          disable=None if rank == 0 else True)):
             ts = time.perf_counter()
             x = preprocess(batch.to(device, non_blocking=True), cfg["n_bits"])
-            learning = learning_parts(phase, phase_epoch * steps_per_epoch + i, phase_steps, n_parts,
-                                      cfg["alternate_every"])
-            value = train_step(model, optimizer, x, learning, lrs, updates, cfg["warmup"])
-            if not math.isfinite(value):
-                k = learning[0] if learning and len(learning) == 1 else first_nonfinite_part(model, x)
+            learning = learning_parts(phase, first_step + i, phase_steps, n_parts, cfg["alternate_every"])
+            values = train_step(model, optimizer, x, learning, run["lrs"], run["updates"], cfg["warmup"])
+            bad = [k for k, v in zip(learning or [None], values) if not math.isfinite(v)]
+            if bad:
+                k = bad[0] if bad[0] is not None else first_nonfinite_part(model, x)
                 raise NonFiniteLoss(f"non-finite loss in part {k + 1 if k is not None else '?'} of {n_parts} "
                                     f"at epoch {epoch} ({phase}), step {i}; the last good checkpoint is kept")
-            steps += 1
-            if learning is None or learning == [n_parts - 1]:
-                full_bpd.append(value)  # the loss of these steps is the full model's bits/dim
-            if learning is not None and len(learning) == 1:
-                part_sums[learning[0]] += value
-                part_counts[learning[0]] += 1
+            run["steps"] += 1
+            for k, v in zip(learning or [n_parts - 1], values):  # end to end, the full model is the last part's
+                part_sums[k], part_counts[k] = part_sums[k] + v, part_counts[k] + 1
             if phase != "finetune":
                 step_seconds.setdefault(str(learning), []).append(time.perf_counter() - ts)
         sync(device)
-        seconds += time.perf_counter() - t0
-        test_bpd, part_bpd = evaluate(model, test_images, cfg["batch_size"], device)
-        if not math.isfinite(test_bpd):
-            k = next(k for k, v in enumerate(part_bpd) if not math.isfinite(v))
-            raise NonFiniteLoss(f"non-finite test bits/dim in part {k + 1} of {n_parts} at epoch {epoch} ({phase}); "
-                                f"the last good checkpoint is kept")
-        metrics = {"epoch": epoch, "phase": phase,
-                   "train_bpd": statistics.fmean(full_bpd) if full_bpd else None,
-                   "test_bpd": test_bpd, "part_losses": part_bpd,
-                   "train_part_losses": [s / c if c else None for s, c in zip(part_sums, part_counts)],
-                   "seconds": seconds, "steps": steps}
-        history.append(metrics)
-        train_txt = f"{metrics['train_bpd']:.3f}" if full_bpd else "  -  "
-        log(f"epoch {epoch:3d} | {phase:10s} | train {train_txt} | test {test_bpd:.3f} | parts "
-            + " ".join(f"{v:.3f}" for v in part_bpd) + f" | {seconds:7.1f} s")
-        if out:
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            save_image(postprocess(model.sample(64, temperature=0.7)).float().cpu(),
-                       os.path.join(out, f"samples_{epoch:03d}.png"), nrow=8)
-            rng = {"cpu": torch.get_rng_state(),
-                   "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "updates": updates,
-                         "epoch": epoch, "seconds": seconds, "steps": steps, "history": history, "rng": rng,
-                         "config": cfg}, os.path.join(out, "checkpoint.pt"))
-    return {"history": history, "step_seconds": step_seconds, "model": model, "config": cfg,
+        run["seconds"] += time.perf_counter() - t0
+        if world > 1:
+            check_replicas(model)
+        if rank == 0:
+            test_bpd, part_bpd = evaluate(model, run["test"], cfg["batch_size"], device)
+            finish_epoch(run, epoch, phase, [s / c if c else None for s, c in zip(part_sums, part_counts)],
+                         test_bpd, part_bpd, log)
+        if world > 1:
+            torch.distributed.barrier()
+    if world > 1:
+        log(f"data parallel over {world} processes: replicas identical after every epoch (weight hashes compared)")
+    return {"history": run["history"], "step_seconds": step_seconds, "model": model, "config": cfg,
             "start_hash": start_hash}
 
 
@@ -782,7 +833,7 @@ def measure_step(model, x, learning):
         torch.cuda.synchronize(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = step_loss(model, x, learning)
+        loss = step_losses(model, x, learning).sum()
     loss.backward()
     peak = torch.cuda.max_memory_allocated(x.device) if cuda else None
     for h in hooks:
@@ -881,6 +932,168 @@ def plot_compare(summary, path):
 
 
 # -----------------------------------------------------------------------------
+# Beyond the poster: parts on separate processes, data parallel, compute-balanced cuts.
+
+
+def step_macs(in_channels, image_size, n_levels, n_steps, hidden):
+    """Multiply-adds per image of each flow step's convolutions (a split's prior counts with its level's last step)."""
+    macs, C, S = [], in_channels, image_size
+    for level in range(n_levels):
+        C, S = 4 * C, S // 2
+        coupling = 9 * (C // 2) * hidden + hidden * hidden + 9 * hidden * C  # conv3x3, conv1x1, zero conv3x3
+        macs += [S * S * (C * C + coupling)] * n_steps  # + the invertible 1x1 conv
+        if level < n_levels - 1:
+            macs[-1] += S * S * 9 * (C // 2) * C
+            C //= 2
+    return macs
+
+
+def balanced_parts(n_parts, macs):
+    """Cut the steps into n_parts contiguous parts so the most expensive part is as cheap as possible (exact DP)."""
+    n = len(macs)
+    if not 1 <= n_parts <= n:
+        raise ValueError(f"auto:{n_parts} needs between 1 and {n} parts (one per flow step at most)")
+    prefix = [0]
+    for m in macs:
+        prefix.append(prefix[-1] + m)
+    # best[p][i]: the smallest possible largest part when the first i steps form p parts
+    best = [[math.inf] * (n + 1) for _ in range(n_parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_parts + 1)]
+    best[0][0] = 0
+    for p in range(1, n_parts + 1):
+        for i in range(p, n + 1):
+            for j in range(p - 1, i):
+                cost = max(best[p - 1][j], prefix[i] - prefix[j])
+                if cost < best[p][i]:
+                    best[p][i], cut[p][i] = cost, j
+    sizes, i = [], n
+    for p in range(n_parts, 0, -1):
+        sizes.append(i - cut[p][i])
+        i = cut[p][i]
+    return sizes[::-1]
+
+
+def check_replicas(model):
+    """Data parallel: every process must hold the same weights after every epoch; stop loudly if not."""
+    import torch.distributed as dist
+    hashes = [None] * dist.get_world_size()
+    dist.all_gather_object(hashes, weights_hash(model))
+    if len(set(hashes)) != 1:
+        raise RuntimeError(f"data-parallel replicas diverged: weight hashes {hashes}")
+
+
+def train_pipeline(cfg, log=print, resume=False):
+    """--mode parallel under torchrun: process k owns part k and trains it on its truncated objective.
+
+    Process 0 reads the data. Each process receives h_{k-1} (and the earlier parts' constant terms)
+    from process k-1, takes its step, and sends its detached output to process k+1 before its own
+    backward pass. Sends go forward only, so while process k works on batch t, process k-1 is
+    already on batch t+1. Every process holds the whole model (same seed, same init) and an
+    optimizer over all parts, but only its own part ever gets a gradient; at the end of an epoch
+    process 0 gathers the parts into one checkpoint, in the single-process format."""
+    import torch.distributed as dist
+    rank, world = rank_and_world()
+    run = start_run(cfg, resume=resume)
+    cfg, model, optimizer, device = run["cfg"], run["model"], run["optimizer"], run["device"]
+    B, steps_per_epoch = cfg["batch_size"], len(run["train"]) // cfg["batch_size"]
+    with torch.no_grad():  # the shape each part receives, from a one-image dry run
+        h = preprocess(run["train"][:1].to(device), cfg["n_bits"])
+        in_shapes = []
+        for k in range(world):
+            in_shapes.append(tuple(h.shape[1:]))
+            h = model.parts[k](h)[0]
+    sent = torch.zeros(2, dtype=torch.float64)  # bytes sent [forward to k+1, backward to k-1]: no code sends back
+    pending = []  # at most one batch in flight: its buffers stay alive until they are received
+
+    def receive(n):
+        h = torch.empty(n, *in_shapes[rank], device=device)
+        const = torch.empty(n, device=device)
+        dist.recv(h, rank - 1)
+        dist.recv(const, rank - 1)
+        return h.contiguous(memory_format=torch.channels_last), const
+
+    def send(h=None, const=None):
+        for request in pending:
+            request.wait()
+        pending.clear()
+        if h is not None and rank < world - 1:
+            h, const = h.detach().contiguous(), const.detach().contiguous()
+            sent[0] += h.numel() * h.element_size() + const.numel() * const.element_size()
+            pending.extend([dist.isend(h, rank + 1), dist.isend(const, rank + 1)])
+
+    def part_input(images, generator=None):
+        if rank == 0:
+            x = preprocess(images.to(device), cfg["n_bits"], generator=generator)
+            return x, torch.zeros(len(x), device=device)
+        return receive(len(images) if images is not None else B)
+
+    model.train()
+    for epoch in range(run["epoch"] + 1, cfg["epochs"] + cfg["finetune"] + 1):
+        phase = phase_of(cfg, epoch, steps_per_epoch)[0]
+        loss_sum, n_bad = torch.zeros(world, dtype=torch.float64), torch.zeros(world)
+        sent.zero_()
+        dist.barrier()
+        t0 = time.perf_counter()
+        loader = iter(batches(run["train"], B, cfg["seed"], epoch, cfg["num_workers"])) if rank == 0 else None
+        for i in range(steps_per_epoch):
+            h, const = part_input(next(loader)[0] if rank == 0 else None)
+            group = optimizer.param_groups[rank]
+            group["lr"] = run["lrs"][rank] * min(1.0, (run["updates"][rank] + 1) / cfg["warmup"])
+            optimizer.zero_grad(set_to_none=True)
+            log_prob, h, const = model.truncated(rank, h, const)
+            send(h, const)  # forward only; nothing ever comes back
+            loss = bits_per_dim(log_prob, model.n_dims, model.n_bits).mean()
+            if torch.isfinite(loss):
+                loss.backward()
+                optimizer.step()
+                run["updates"][rank] += 1
+                loss_sum[rank] += loss.item()
+            else:
+                n_bad[rank] += 1
+        send()
+        dist.barrier()
+        run["seconds"] += time.perf_counter() - t0
+        run["steps"] += steps_per_epoch
+        # the test bits/dim go through the same pipeline, each process adding its part's terms
+        part_sum = torch.zeros(world, dtype=torch.float64)
+        generator = torch.Generator(device=device).manual_seed(0)  # the same noise as evaluate()
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(run["test"]), B):
+                chunk = run["test"][start:start + B]
+                h, const = part_input(chunk, generator)
+                log_prob, h, const = model.truncated(rank, h, const)
+                send(h, const)
+                part_sum[rank] += bits_per_dim(log_prob, model.n_dims, model.n_bits).double().sum().item()
+        send()
+        model.train()
+        for t in (loss_sum, n_bad, part_sum, sent):
+            dist.all_reduce(t)
+        if n_bad.sum() > 0:
+            k = int(torch.nonzero(n_bad)[0])
+            raise NonFiniteLoss(f"non-finite loss in part {k + 1} of {world} at epoch {epoch} (pipeline); "
+                                f"the last good checkpoint is kept")
+        # process 0 gathers every part (weights, Adam state, update count) into one checkpoint
+        mine = {"part": {k: v.cpu() for k, v in model.parts[rank].state_dict().items()},
+                "optimizer": optimizer.state_dict(), "updates": run["updates"][rank]}
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if rank == 0:
+            state = optimizer.state_dict()
+            for k, theirs in enumerate(gathered):
+                model.parts[k].load_state_dict(theirs["part"])
+                state["state"].update(theirs["optimizer"]["state"])
+                state["param_groups"][k] = theirs["optimizer"]["param_groups"][k]
+                run["updates"][k] = theirs["updates"]
+            optimizer.load_state_dict(state)
+            part_bpd = (part_sum / len(run["test"])).tolist()
+            finish_epoch(run, epoch, phase, (loss_sum / steps_per_epoch).tolist(), part_bpd[-1], part_bpd, log)
+            log(f"          pipeline: {int(sent[0]):,} bytes sent forward between parts this epoch, {int(sent[1])} backward")
+        dist.barrier()
+    return {"history": run["history"], "sent_forward": int(sent[0]), "sent_backward": int(sent[1])}
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -891,9 +1104,11 @@ class Parser(argparse.ArgumentParser):
 
 def parse_parts(text):
     try:
+        if text.startswith("auto:"):
+            return ("auto", int(text[5:]))
         return [int(p) for p in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--parts wants comma-separated integers like 32,16,16,32, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--parts wants step counts like 32,16,16,32 or auto:P, got {text!r}")
 
 
 def parse_floats(text):
@@ -906,7 +1121,9 @@ def parse_floats(text):
 def make_parser():
     p = Parser(description="Glow trained in gradient-isolated parts (full, alternate, sequential) "
                            "and the poster's comparison.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", default="alternate", help=f"training mechanism: {', '.join(MODES)}")
+    p.add_argument("--mode", default="alternate",
+                   help=f"training mechanism: {', '.join(MODES)} (under torchrun: parallel = one part per "
+                        "process, the others data parallel)")
     p.add_argument("--epochs", type=int, default=60, help="epochs of the mechanism")
     p.add_argument("--finetune", type=int, default=0, help="end-to-end epochs after the mechanism's epochs")
     g = p.add_argument_group("data")
@@ -920,7 +1137,8 @@ def make_parser():
     g.add_argument("--steps", type=int, default=32, help="K, flow steps per level")
     g.add_argument("--hidden", type=int, default=512, help="channels of the coupling networks")
     g.add_argument("--parts", type=parse_parts, default=None,
-                   help="steps per part, e.g. 32,16,16,32 (default: that split for 3x32 steps, else one part per level)")
+                   help="steps per part, e.g. 32,16,16,32, or auto:P for P parts of equal compute "
+                        "(default: 32,16,16,32 for 3x32 steps, else one part per level)")
     g.add_argument("--part-prior", default="standard", choices=("standard", "learned"),
                    help="prior on an intermediate part's output: N(0, I), or a learned diagonal Gaussian")
     g = p.add_argument_group("optimisation")
@@ -965,16 +1183,24 @@ def check_args(args):
         raise UsageError(f"--n-bits must be in 1..16, got {args.n_bits}")
     if args.n_bits > 8:
         raise UsageError(f"--n-bits {args.n_bits}: the {args.dataset} images have 8 bits per pixel")
+    channels, native = NATIVE[args.dataset]
+    args.image_size = args.image_size or native
+    if args.image_size % 2 ** args.levels:
+        fit = 2 ** args.levels * max(1, round(args.image_size / 2 ** args.levels))
+        raise UsageError(f"image size {args.image_size} is not divisible by 2^levels = {2 ** args.levels}; "
+                         f"pass --image-size {fit}, say")
     if args.parts is None and (args.levels, args.steps) == (3, 32):
         args.parts = [32, 16, 16, 32]  # the poster's split: the middle level halved
     try:
+        if isinstance(args.parts, tuple):  # auto:P
+            args.parts = balanced_parts(args.parts[1], step_macs(channels, args.image_size, args.levels,
+                                                                 args.steps, args.hidden))
+            print(f"--parts auto: {','.join(map(str, args.parts))} (equal convolution multiply-adds per part)")
         args.parts = check_parts(args.parts, args.levels, args.steps)
     except ValueError as e:
         raise UsageError(f"--parts: {e}") from None
     if args.part_lr and len(args.part_lr) != len(args.parts):
         raise UsageError(f"--part-lr gives {len(args.part_lr)} rates for {len(args.parts)} parts")
-    if args.image_size is not None and args.image_size % 2 ** args.levels:
-        raise UsageError(f"--image-size {args.image_size} is not divisible by 2^levels = {2 ** args.levels}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -995,12 +1221,37 @@ def check_args(args):
         raise UsageError(f"--out {args.out} is a file, not a directory")
     if args.resume and args.compare:
         raise UsageError("--resume continues one run; rerun --compare into a new --out instead")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # launched by torchrun
+        if args.compare:
+            raise UsageError("--compare times mechanisms against each other in one process; run it without torchrun")
+        if args.mode == "parallel" and world != len(args.parts):
+            raise UsageError(f"the pipeline runs one part per process: {len(args.parts)} parts but "
+                             f"{world} processes; use --nproc_per_node {len(args.parts)}")
+        if args.mode == "parallel" and args.finetune:
+            raise UsageError("the pipeline never sends gradients back, so it cannot finetune end to end; "
+                             "resume its checkpoint without torchrun with --mode parallel --finetune N")
+        if args.mode != "parallel" and args.batch_size % world:
+            raise UsageError(f"--batch-size {args.batch_size} (the global batch) must divide among {world} processes")
     if not args.resume and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
         raise UsageError(f"--out {args.out} already holds a run: pass --resume to continue it, or choose another --out")
     return args
 
 
+def init_distributed(args):
+    """Under torchrun: join the process group (NCCL on GPUs, gloo on CPU); one GPU per local process."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        return
+    if torch.device(args.device).type == "cuda":
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+
+
 def main(argv=None):
+    rank = int(os.environ.get("RANK", "0"))
+    log = print if rank == 0 else (lambda *a: None)
     try:
         args = check_args(make_parser().parse_args(argv))
         cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "compare_modes")}
@@ -1008,9 +1259,15 @@ def main(argv=None):
             os.makedirs(args.out, exist_ok=True)
             compare(cfg, args.compare_modes)
         else:
-            train(cfg, resume=args.resume)
+            init_distributed(args)
+            cfg["device"] = args.device
+            if args.mode == "parallel" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                train_pipeline(cfg, log=log, resume=args.resume)
+            else:
+                train(cfg, log=log, resume=args.resume)
     except UsageError as e:
-        print(f"glow_parts.py: error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"glow_parts.py: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         print(f"glow_parts.py: {e}", file=sys.stderr)
@@ -1018,6 +1275,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("glow_parts.py: interrupted; the last checkpoint is kept", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
