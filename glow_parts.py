@@ -842,11 +842,14 @@ def measure_step(model, x, learning):
     return sum(saved.values()), crossing[0], peak
 
 
+def mechanism_steps(mode, n_parts):
+    """The kinds of step a mechanism takes: end to end, every part at once, or each part alone."""
+    return {"full": [None], "parallel": [list(range(n_parts))]}.get(mode, [[k] for k in range(n_parts)])
+
+
 def step_costs(model, x, mode):
     """measure_step for the steps a mechanism takes; for per-part mechanisms the largest part's step."""
-    n = len(model.parts)
-    steps = {"full": [None], "parallel": [list(range(n))]}.get(mode, [[k] for k in range(n)])
-    costs = [measure_step(model, x, learning) for learning in steps]
+    costs = [measure_step(model, x, learning) for learning in mechanism_steps(mode, len(model.parts))]
     peaks = [c[2] for c in costs if c[2] is not None]
     return {"activation_bytes": max(c[0] for c in costs), "boundary_backward_bytes": max(c[1] for c in costs),
             "cuda_max_memory_allocated": max(peaks) if peaks else None}
@@ -893,6 +896,47 @@ def compare(cfg, modes=("full", "alternate"), log=print):
     plot_compare(summary, os.path.join(cfg["out"], "compare.png"))
     log(summary_table(summary))
     return summary
+
+
+def benchmark(cfg, modes, repeats=5, log=print):
+    """Median step time, activation memory and boundary bytes of each mechanism at the configured
+    model size, on random images of the dataset's shape: no data needed, so it runs at CIFAR-10 size
+    on any machine. Per-part mechanisms report the mean over the parts' steps (one turn each)."""
+    device = torch.device(cfg["device"])
+    channels = NATIVE[cfg["dataset"]][0]
+    model = build_model(cfg, channels, device)
+    images = torch.randint(0, 256, (cfg["batch_size"], channels, cfg["image_size"], cfg["image_size"]),
+                           dtype=torch.uint8, generator=torch.Generator().manual_seed(cfg["seed"]))
+    x = preprocess(images.to(device), cfg["n_bits"])
+    model.initialize(x)
+    n = len(model.parts)
+    optimizer = make_optimizer(model, [1e-6] * n)  # tiny steps: the weights stay where they started
+    rows = []
+    for mode in modes:
+        medians = []
+        for learning in mechanism_steps(mode, n):
+            times = []
+            for _ in range(repeats + 1):  # the first is a warm-up
+                sync(device)
+                t0 = time.perf_counter()
+                train_step(model, optimizer, x, learning, [1e-6] * n, [1] * n, 1)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            medians.append(statistics.median(times[1:]))
+        rows.append({"mode": mode, "step_seconds": statistics.fmean(medians), "part_step_seconds": medians,
+                     **step_costs(model, x, mode)})
+    full = next((r for r in rows if r["mode"] == "full"), rows[0])
+    lines = [f"benchmark: {cfg['levels']} levels x {cfg['steps']} steps, hidden {cfg['hidden']}, parts {cfg['parts']}, "
+             f"batch {cfg['batch_size']} of {channels}x{cfg['image_size']}x{cfg['image_size']} on {device}",
+             "| mechanism | step s | step / full | per-part step s | activations MB | CUDA peak MB | boundary grad KB |",
+             "|---" * 7 + "|"]
+    for r in rows:
+        peak = f"{r['cuda_max_memory_allocated'] / 2 ** 20:.0f}" if r["cuda_max_memory_allocated"] else "-"
+        lines.append(f"| {r['mode']} | {r['step_seconds']:.3f} | {r['step_seconds'] / full['step_seconds']:.2f} | "
+                     + " ".join(f"{t:.3f}" for t in r["part_step_seconds"])
+                     + f" | {r['activation_bytes'] / 2 ** 20:.1f} | {peak} | {r['boundary_backward_bytes'] / 2 ** 10:.0f} |")
+    log("\n".join(lines))
+    return rows
 
 
 def summary_table(summary):
@@ -1161,7 +1205,9 @@ def make_parser():
     g = p.add_argument_group("experiment")
     g.add_argument("--compare", action="store_true",
                    help="train the mechanisms side by side from the same start into --out; write compare.json/png")
-    g.add_argument("--compare-modes", default="full,alternate", help="mechanisms --compare trains")
+    g.add_argument("--compare-modes", default="full,alternate", help="mechanisms --compare (or --benchmark) runs")
+    g.add_argument("--benchmark", action="store_true",
+                   help="time one step of each --compare-modes mechanism at this model size on random images")
     return p
 
 
@@ -1217,7 +1263,7 @@ def check_args(args):
         raise UsageError("--device mps: MPS is not available here")
     if device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {args.device}: only cpu, cuda and mps are supported")
-    if args.compare:
+    if args.compare or args.benchmark:
         args.compare_modes = args.compare_modes.split(",")
         bad = [m for m in args.compare_modes if m not in MODES]
         if bad or "full" not in args.compare_modes:
@@ -1239,7 +1285,7 @@ def check_args(args):
                              "resume its checkpoint without torchrun with --mode parallel --finetune N")
         if args.mode != "parallel" and args.batch_size % world:
             raise UsageError(f"--batch-size {args.batch_size} (the global batch) must divide among {world} processes")
-    if not args.resume and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+    if not args.resume and not args.benchmark and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
         raise UsageError(f"--out {args.out} already holds a run: pass --resume to continue it, or choose another --out")
     return args
 
@@ -1260,8 +1306,10 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a: None)
     try:
         args = check_args(make_parser().parse_args(argv))
-        cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "compare_modes")}
-        if args.compare:
+        cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "compare_modes", "benchmark")}
+        if args.benchmark:
+            benchmark(cfg, args.compare_modes)
+        elif args.compare:
             os.makedirs(args.out, exist_ok=True)
             compare(cfg, args.compare_modes)
         else:
