@@ -955,10 +955,9 @@ def summary_table(summary):
 
 def plot_compare(summary, path):
     """Test bits/dim against epoch and against training seconds; dotted lines mark finetuning's start."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (say, a notebook's) is left alone
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2, sharey=True)
     for r in summary["runs"]:
         curve = r["curve"]
         for ax, key in zip(axes, ("epoch", "seconds")):
@@ -975,7 +974,6 @@ def plot_compare(summary, path):
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
@@ -1290,6 +1288,11 @@ def check_args(args):
     return args
 
 
+def config_from_args(args):
+    """The run's config (what the checkpoint stores) from parsed flags: everything but what to do."""
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "compare_modes", "benchmark")}
+
+
 def init_distributed(args):
     """Under torchrun: join the process group (NCCL on GPUs, gloo on CPU); one GPU per local process."""
     import torch.distributed as dist
@@ -1306,7 +1309,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a: None)
     try:
         args = check_args(make_parser().parse_args(argv))
-        cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "compare_modes", "benchmark")}
+        cfg = config_from_args(args)
         if args.benchmark:
             benchmark(cfg, args.compare_modes)
         elif args.compare:

@@ -248,7 +248,7 @@ TINY = ["--dataset", "digits", "--levels", "2", "--steps", "2", "--hidden", "16"
 
 def tiny_cfg(tmp_path=None, **overrides):
     args = gp.check_args(gp.make_parser().parse_args(TINY + ["--out", str(tmp_path or "unused")]))
-    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "compare_modes")}
+    cfg = gp.config_from_args(args)
     cfg["out"] = str(tmp_path) if tmp_path else None
     cfg.update(overrides)
     return cfg
@@ -582,3 +582,30 @@ def test_bad_distributed_combinations_exit_2_with_one_line(env, args, match, tmp
     assert gp.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")] + args) == 2
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1, err
+
+
+# --- the tutorial
+
+
+def test_tutorial_notebook_executes_top_to_bottom(monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+    monkeypatch.setenv("GLOW_PARTS_QUICK", "1")  # fewer epochs; the same code runs
+    nb = nbformat.read(os.path.join(HERE, "tutorial.ipynb"), as_version=4)
+    assert any(cell.cell_type == "code" and "import glow_parts" in cell.source for cell in nb.cells)
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": HERE}}).execute()
+    errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors
+
+
+def test_benchmark_reports_every_mechanism_without_data(capsys):
+    assert gp.main(TINY + ["--benchmark", "--compare-modes", "full,alternate,parallel"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in rows[1:]] == ["full", "alternate", "parallel"]
+    result = {r["mode"]: r for r in gp.benchmark(tiny_cfg(), ["full", "alternate", "parallel"], repeats=1,
+                                                 log=lambda *a: None)}
+    assert result["alternate"]["activation_bytes"] < result["full"]["activation_bytes"]
+    assert len(result["alternate"]["part_step_seconds"]) == 2 and result["alternate"]["step_seconds"] > 0
+    assert result["alternate"]["boundary_backward_bytes"] == 0 == result["parallel"]["boundary_backward_bytes"]
+    assert result["full"]["boundary_backward_bytes"] > 0
