@@ -564,6 +564,11 @@ def make_optimizer(model, lrs):
     return torch.optim.Adam(groups, fused=device.type in ("cpu", "cuda"))  # one kernel for all parameters
 
 
+def warmed_up(lr, updates, warmup):
+    """Linear warmup over a part's own first `warmup` updates."""
+    return lr * min(1.0, (updates + 1) / warmup)
+
+
 def train_step(model, optimizer, x, learning, lrs, updates, warmup):
     """One optimisation step of the learning parts (None: all, end to end); returns the loss values.
 
@@ -573,7 +578,7 @@ def train_step(model, optimizer, x, learning, lrs, updates, warmup):
     averaged over the processes, so every process takes the same decision."""
     active = range(len(model.parts)) if learning is None else learning
     for k in active:
-        optimizer.param_groups[k]["lr"] = lrs[k] * min(1.0, (updates[k] + 1) / warmup)
+        optimizer.param_groups[k]["lr"] = warmed_up(lrs[k], updates[k], warmup)
     optimizer.zero_grad(set_to_none=True)  # None, not zero: Adam then skips the parts not learning
     losses = step_losses(model, x, learning)
     values = losses.detach().clone()
@@ -1082,8 +1087,7 @@ def train_pipeline(cfg, log=print, resume=False):
         loader = iter(batches(run["train"], B, cfg["seed"], epoch, cfg["num_workers"])) if rank == 0 else None
         for i in range(steps_per_epoch):
             h, const = part_input(next(loader)[0] if rank == 0 else None)
-            group = optimizer.param_groups[rank]
-            group["lr"] = run["lrs"][rank] * min(1.0, (run["updates"][rank] + 1) / cfg["warmup"])
+            optimizer.param_groups[rank]["lr"] = warmed_up(run["lrs"][rank], run["updates"][rank], cfg["warmup"])
             optimizer.zero_grad(set_to_none=True)
             log_prob, h, const = model.truncated(rank, h, const)
             send(h, const)  # forward only; nothing ever comes back
