@@ -594,18 +594,24 @@ def train_step(model, optimizer, x, learning, lrs, updates, warmup):
     return values
 
 
+def test_batches(images, batch_size, n_bits, device):
+    """The evaluation batches, dequantized with noise from a fixed generator: every evaluation of every
+    run (and of the pipeline) sees the same noisy test set."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    for i in range(0, len(images), batch_size):
+        yield preprocess(images[i:i + batch_size].to(device), n_bits, generator=generator)
+
+
 @torch.no_grad()
 def evaluate(model, images, batch_size, device):
     """(full-model bits/dim, [bits/dim of the flow truncated after each part]) over all of `images`.
 
-    The dequantization noise comes from a fixed generator: every evaluation of every run sees the
-    same noisy test set, so curves are comparable and a resumed run reproduces its numbers."""
+    The noise is the same at every evaluation (test_batches), so curves are comparable and a resumed
+    run reproduces its numbers."""
     was_training = model.training
     model.eval()
-    generator = torch.Generator(device=device).manual_seed(0)
     totals = torch.zeros(len(model.parts), dtype=torch.float64, device=device)
-    for i in range(0, len(images), batch_size):
-        x = preprocess(images[i:i + batch_size].to(device), model.n_bits, generator=generator)
+    for x in test_batches(images, batch_size, model.n_bits, device):
         totals += torch.stack([bits_per_dim(lp, x, model.n_bits).double().sum() for lp in model.truncated_log_probs(x)])
     model.train(was_training)
     part_bpd = (totals / len(images)).tolist()
@@ -1071,11 +1077,11 @@ def train_pipeline(cfg, log=print, resume=False):
             sent[0] += h.numel() * h.element_size() + const.numel() * const.element_size()
             pending.extend([dist.isend(h, rank + 1), dist.isend(const, rank + 1)])
 
-    def part_input(images, generator=None):
+    def part_input(x_or_size):
+        """Process 0 starts from the images x (no earlier terms); the others receive a batch of that size."""
         if rank == 0:
-            x = preprocess(images.to(device), cfg["n_bits"], generator=generator)
-            return x, torch.zeros(len(x), device=device)
-        return receive(len(images) if images is not None else B)
+            return x_or_size, torch.zeros(len(x_or_size), device=device)
+        return receive(x_or_size)
 
     model.train()
     for epoch in range(run["epoch"] + 1, cfg["epochs"] + cfg["finetune"] + 1):
@@ -1086,7 +1092,7 @@ def train_pipeline(cfg, log=print, resume=False):
         t0 = time.perf_counter()
         loader = iter(batches(run["train"], B, cfg["seed"], epoch, cfg["num_workers"])) if rank == 0 else None
         for i in range(steps_per_epoch):
-            h, const = part_input(next(loader)[0] if rank == 0 else None)
+            h, const = part_input(preprocess(next(loader)[0].to(device), cfg["n_bits"]) if rank == 0 else B)
             optimizer.param_groups[rank]["lr"] = warmed_up(run["lrs"][rank], run["updates"][rank], cfg["warmup"])
             optimizer.zero_grad(set_to_none=True)
             log_prob, h, const = model.truncated(rank, h, const)
@@ -1105,12 +1111,11 @@ def train_pipeline(cfg, log=print, resume=False):
         run["steps"] += steps_per_epoch
         # the test bits/dim go through the same pipeline, each process adding its part's terms
         part_sum = torch.zeros(world, dtype=torch.float64, device=device)
-        generator = torch.Generator(device=device).manual_seed(0)  # the same noise as evaluate()
+        sizes = [len(run["test"][i:i + B]) for i in range(0, len(run["test"]), B)]
         model.eval()
-        with torch.no_grad():
-            for start in range(0, len(run["test"]), B):
-                chunk = run["test"][start:start + B]
-                h, const = part_input(chunk, generator)
+        with torch.no_grad():  # process 0 feeds the same noisy test batches as evaluate()
+            for item in test_batches(run["test"], B, cfg["n_bits"], device) if rank == 0 else sizes:
+                h, const = part_input(item)
                 log_prob, h, const = model.truncated(rank, h, const)
                 send(h, const)
                 part_sum[rank] += bits_per_dim(log_prob, model.n_dims, model.n_bits).double().sum().item()

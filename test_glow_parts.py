@@ -255,10 +255,8 @@ def tiny_cfg(tmp_path=None, **overrides):
 
 
 def initial_test_bpd(cfg):
-    train_images, test_images = gp.prepare_data(dict(cfg))
-    model = gp.build_model(cfg, 1, torch.device("cpu"))
-    model.initialize(gp.preprocess(train_images[:gp.INIT_BATCH], cfg["n_bits"]))
-    return gp.evaluate(model, test_images, 64, torch.device("cpu"))[0]
+    run = gp.start_run(dict(cfg, out=None))  # the initialised model every run starts from
+    return gp.evaluate(run["model"], run["test"], 64, run["device"])[0]
 
 
 @pytest.mark.parametrize("mode", gp.MODES)
