@@ -861,15 +861,11 @@ def compare(cfg, modes=("full", "alternate"), log=print):
 
     full trains epochs + finetune epochs end to end (the same total); every other mode trains its
     `epochs`, then `finetune` epochs end to end."""
-    device = torch.device(cfg.device)
-    data = prepare_data(cfg)
-    model = build_model(cfg, data[0].shape[1])
-    model.initialize(preprocess(data[0][:INIT_BATCH].to(device), cfg.n_bits,
-                                generator=torch.Generator(device=device).manual_seed(cfg.seed)))
-    init_state = copy.deepcopy(model.state_dict())
+    shared, data = start_run(replace(cfg, out=None))  # the initialised model every run starts from
+    model, init_state = shared.model, copy.deepcopy(shared.model.state_dict())
     # What one step of each mechanism holds and sends, on the shared start. This also runs every kind
     # of step once, so no run pays the one-off cost of first-time kernel setup inside its timing.
-    probe = preprocess(data[0][:cfg.batch_size].to(device), cfg.n_bits)
+    probe = preprocess(data[0][:cfg.batch_size].to(cfg.device), cfg.n_bits)
     costs = {mode: step_costs(model, probe, mode) for mode in modes}
     runs = []
     for mode in modes:
@@ -1069,8 +1065,8 @@ def train_pipeline(cfg, resume, rank, world, log):
     terms) from process k-1, takes its step, and sends its detached carry to process k+1 before its
     own backward pass. Sends go forward only, so while process k works on batch t, process k-1 is
     already on batch t+1. Every process holds the whole model (same seed, same init), but only its
-    own part ever learns; at the end of an epoch process 0 gathers the parts into one checkpoint,
-    in the single-process format."""
+    own part ever learns; at the end of an epoch process 0 gathers the parts, evaluates the model
+    and writes one checkpoint, in the single-process format."""
     import torch.distributed as dist
     run, (train_images, test_images) = start_run(cfg, resume=resume)
     cfg, model, device = run.cfg, run.model, torch.device(run.cfg.device)
@@ -1089,13 +1085,13 @@ def train_pipeline(cfg, resume, rank, world, log):
                 traffic[0 if peer > rank else 1] += t.numel() * t.element_size()
                 pending.append(dist.isend(t, peer))
 
-    def part_input(item):
-        """Process 0 starts from the images `item` (no earlier terms); the others receive the carry
-        of `item` rows from the process before."""
+    def receive():
+        """Process 0 starts from a batch of images (no earlier terms); the others receive a carry."""
         if rank == 0:
-            return item, torch.zeros(len(item), device=device)
-        h = torch.empty(item, *model.parts[rank - 1].prior.mean.shape[1:], device=device)
-        const = torch.empty(item, device=device)
+            x = preprocess(next(loader)[0].to(device), cfg.n_bits)
+            return x, torch.zeros(B, device=device)
+        h = torch.empty(B, *model.parts[rank - 1].prior.mean.shape[1:], device=device)
+        const = torch.empty(B, device=device)
         dist.recv(h, rank - 1)
         dist.recv(const, rank - 1)
         return h.contiguous(memory_format=torch.channels_last), const
@@ -1109,8 +1105,7 @@ def train_pipeline(cfg, resume, rank, world, log):
         t0 = time.perf_counter()
         loader = iter(batches(train_images, B, cfg.seed, epoch, cfg.num_workers)) if rank == 0 else None
         for _ in range(steps_per_epoch):
-            carry = part_input(preprocess(next(loader)[0].to(device), cfg.n_bits) if rank == 0 else B)
-            (log_prob,), carry = model.truncated(None, [rank], carry)
+            (log_prob,), carry = model.truncated(None, [rank], receive())
             send(carry)  # forward only; nothing ever comes back
             loss = bits_per_dim(log_prob, model.n_dims, model.n_bits).mean()
             if torch.isfinite(loss):
@@ -1128,18 +1123,7 @@ def train_pipeline(cfg, resume, rank, world, log):
         run.seconds += time.perf_counter() - t0
         run.steps += steps_per_epoch
         run.epoch = epoch
-        # the test bits/dim go through the same pipeline, each process adding its part's terms
-        part_sum = torch.zeros(world, dtype=torch.float64, device=device)
-        sizes = [len(test_images[i:i + B]) for i in range(0, len(test_images), B)]
-        model.eval()
-        with torch.no_grad():  # process 0 feeds the same noisy test batches as evaluate()
-            for item in eval_batches(test_images, B, cfg.n_bits, device) if rank == 0 else sizes:
-                (log_prob,), carry = model.truncated(None, [rank], part_input(item))
-                send(carry)
-                part_sum[rank] += bits_per_dim(log_prob, model.n_dims, model.n_bits).double().sum().item()
-        send()
-        model.train()
-        for t in (loss_sum, n_bad, part_sum, traffic):
+        for t in (loss_sum, n_bad, traffic):
             dist.all_reduce(t)
         if n_bad.sum() > 0:
             raise NonFiniteLoss(f"non-finite loss in part {int(torch.nonzero(n_bad)[0]) + 1} of {world} "
@@ -1156,8 +1140,8 @@ def train_pipeline(cfg, resume, rank, world, log):
                 model.parts[k].load_state_dict(theirs["part"])
                 run.optimizers[k].load_state_dict(theirs["optimizer"])
                 run.updates[k] = theirs["updates"]
-            part_bpd = (part_sum / len(test_images)).tolist()
-            finish_epoch(run, cfg.mode, (loss_sum / steps_per_epoch).tolist(), part_bpd[-1], part_bpd, log)
+            test_bpd, part_bpd = evaluate(model, test_images, B, device)
+            finish_epoch(run, cfg.mode, (loss_sum / steps_per_epoch).tolist(), test_bpd, part_bpd, log)
             log(f"          pipeline: {int(traffic[0]):,} bytes sent forward between parts this epoch, "
                 f"{int(traffic[1])} backward")
         dist.barrier()
