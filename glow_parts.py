@@ -42,11 +42,14 @@ What differs from the paper (and the official code)
 """
 import argparse
 import copy
+import fcntl
 import hashlib
 import io
 import json
 import math
 import os
+import shutil
+import signal
 import statistics
 import sys
 import time
@@ -458,14 +461,25 @@ def load_images(name, data_dir="./data", download=True):
     import torchvision
     cls = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST,
            "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
+    created = not os.path.exists(data_dir)
     try:
         splits = [cls(data_dir, train=train, download=download) for train in (True, False)]
     except Exception as e:  # offline download, missing or corrupt files: torchvision raises many kinds
+        if created:
+            shutil.rmtree(data_dir, ignore_errors=True)  # leave no half-made tree behind
         where = {"cifar10": f"{data_dir}/cifar-10-batches-py/ (the extracted cifar-10-python.tar.gz)",
                  "mnist": f"{data_dir}/MNIST/raw/ (the four unzipped idx files)",
                  "fashion-mnist": f"{data_dir}/FashionMNIST/raw/ (the four unzipped idx files; Debian's "
                                   "dataset-fashion-mnist package has them gzipped)"}[name]
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raw = os.path.join(data_dir, cls.__name__, "raw")  # MNIST's idx files start with a magic number
+        for f, magic in [(f"{s}-{k}-idx{d}-ubyte", 2048 + d) for s in ("train", "t10k")
+                         for k, d in (("images", 3), ("labels", 1))]:
+            path = os.path.join(raw, f)
+            if name != "cifar10" and os.path.isfile(path):
+                with open(path, "rb") as fh:
+                    if int.from_bytes(fh.read(4), "big") != magic:
+                        first_line = f"{path} is not an idx file"
         raise UsageError(f"could not load {name} ({first_line}); put it in {where}, "
                          f"or try the offline --dataset digits") from None
     out = []
@@ -503,15 +517,18 @@ def eval_batches(images, batch_size, n_bits, device):
 MODES = ("full", "alternate", "sequential", "parallel")
 END_TO_END = ("full", "finetune")  # the phases that backpropagate the whole flow's bits/dim
 
-def at_least(low, kind=int):
-    """An argparse type: a number of `kind` that is >= low (> 0 for floats)."""
+def number(low, high=None, kind=int):
+    """An argparse type: an int in [low, high], or a finite float in (low, high)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"want a number, got {text!r}") from None
-        if not (value >= low if kind is int else value > low):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if kind is int else '>'} {low}, got {text}")
+            raise argparse.ArgumentTypeError(f"want {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        closed = kind is int  # integer bounds are inclusive, float bounds exclusive (and never inf or nan)
+        if not (math.isfinite(value) and (value >= low if closed else value > low)
+                and (high is None or (value <= high if closed else value < high))):
+            bounds = f"[{low}, {high}]" if closed else f"({low}, {high if high is not None else 'inf'})"
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
         return value
     return parse
 
@@ -523,7 +540,7 @@ def parse_parts(text):
         raise argparse.ArgumentTypeError(f"want step counts like 32,16,16,32 or auto:P, got {text!r}") from None
 
 def parse_rates(text):
-    return [at_least(0.0, float)(v) for v in text.split(",")]
+    return [number(0.0, kind=float)(v) for v in text.split(",")]
 
 def setting(default, help, **argparse_kwargs):
     """A Config field that is also the command-line flag --its-name."""
@@ -534,29 +551,30 @@ class Config:
     """A run's settings, each one a command-line flag; checkpoints store the whole Config."""
     mode: str = setting("alternate", "training mechanism (under torchrun: parallel = one part per process, "
                         "the others data parallel)", choices=MODES)
-    epochs: int = setting(60, "epochs of the mechanism", type=at_least(0))
-    finetune: int = setting(0, "end-to-end epochs after the mechanism's epochs", type=at_least(0))
+    epochs: int = setting(60, "epochs of the mechanism", type=number(0))
+    finetune: int = setting(0, "end-to-end epochs after the mechanism's epochs", type=number(0))
     dataset: str = setting("cifar10", "the images", choices=DATASETS)
     data_dir: str = setting("./data", "torchvision datasets are read from / downloaded to here")
-    image_size: int | None = setting(None, "resize to this size; None: native", type=at_least(1))
-    n_bits: int | None = setting(None, "bits per pixel kept; None: 8, or 4 for digits", type=at_least(1))
-    subset: int | None = setting(None, "use only the first N training images; None: all", type=at_least(1))
-    levels: int = setting(3, "L, levels of the multi-scale flow", type=at_least(1))
-    steps: int = setting(32, "K, flow steps per level", type=at_least(1))
-    hidden: int = setting(512, "channels of the coupling networks", type=at_least(1))
+    image_size: int | None = setting(None, "resize to this size; None: native", type=number(1, 1024))
+    n_bits: int | None = setting(None, "bits per pixel kept; None: 8, or 4 for digits", type=number(1))
+    subset: int | None = setting(None, "use only the first N training images; None: all", type=number(1))
+    levels: int = setting(3, "L, levels of the multi-scale flow", type=number(1))
+    steps: int = setting(32, "K, flow steps per level", type=number(1))
+    hidden: int = setting(512, "channels of the coupling networks", type=number(1))
     parts: list | str | None = setting(None, "steps per part, e.g. 32,16,16,32, or auto:P for P parts of "
                                        "equal compute; None: default_parts (32,16,16,32)", type=parse_parts)
     part_prior: str = setting("standard", "prior on an intermediate part's output: N(0, I), or a learned "
                               "diagonal Gaussian", choices=("standard", "learned"))
-    batch_size: int = setting(64, "images per step (the global batch under torchrun)", type=at_least(1))
-    lr: float = setting(1e-3, "Adam learning rate of every part", type=at_least(0.0, float))
+    batch_size: int = setting(64, "images per step (the global batch under torchrun)", type=number(1))
+    lr: float = setting(1e-3, "Adam learning rate of every part", type=number(0.0, kind=float))
     part_lr: list | None = setting(None, "one learning rate per part, e.g. 1e-3,2e-3,2e-3,1e-3 (instead "
                                    "of --lr)", type=parse_rates)
-    warmup: int = setting(500, "linear warmup, in each part's own updates", type=at_least(1))
-    alternate_every: int = setting(1, "steps per turn in alternate mode", type=at_least(1))
-    seed: int = setting(0, "weights, data order and noise all follow from it", type=int)
+    warmup: int | None = setting(None, "linear warmup, in each part's own updates; None: a tenth of each "
+                                 "part's updates in the run, at most 500", type=number(1))
+    alternate_every: int = setting(1, "steps per turn in alternate mode", type=number(1))
+    seed: int = setting(0, "weights, data order and noise all follow from it", type=number(0, 2 ** 32 - 1))
     device: str | None = setting(None, "cpu, cuda, cuda:1, mps; None: cuda if there is one")
-    num_workers: int = setting(0, "DataLoader worker processes", type=at_least(0))
+    num_workers: int = setting(0, "DataLoader worker processes", type=number(0))
     out: str | None = setting(None, "run directory; None: runs/<dataset>-<mode> (or -compare)")
 
     def __post_init__(self):  # the settings whose default depends on others
@@ -622,7 +640,7 @@ def train(run, data, log=print, shard=slice(None)):
     from tqdm import tqdm
     cfg, model, optimizers = run.cfg, run.model, run.optimizers
     device, n_parts = torch.device(cfg.device), len(model.parts)
-    lrs = cfg.part_lr or [cfg.lr] * n_parts
+    lrs, warmup = cfg.part_lr or [cfg.lr] * n_parts, cfg.warmup
     train_images, test_images = data
     steps_per_epoch = len(train_images) // cfg.batch_size
     model.train()
@@ -643,14 +661,13 @@ def train(run, data, log=print, shard=slice(None)):
                 losses = [bits_per_dim(log_prob, x, cfg.n_bits).mean() for log_prob in log_probs]
             values = [loss.item() for loss in losses]
             if not all(math.isfinite(v) for v in values):
-                raise NonFiniteLoss(f"non-finite loss in part {nonfinite_part(model, x, learning, values)} "
-                                    f"of {n_parts} at epoch {epoch} ({phase}), step {i}; "
-                                    f"the last good checkpoint is kept")
+                raise NonFiniteLoss(f"non-finite loss in part {first_nonfinite_part(model, x, learning, values)} of {n_parts} "
+                                    f"at epoch {epoch} ({phase}), step {i}; {checkpoint_note(cfg.out)}")
             model.zero_grad(set_to_none=True)
             sum(losses).backward()
             for k in learning:  # only the learning parts step, each at its own warmed-up rate
                 for group in optimizers[k].param_groups:
-                    group["lr"] = warmed_up(lrs[k], run.updates[k], cfg.warmup)
+                    group["lr"] = warmed_up(lrs[k], run.updates[k], warmup)
                 optimizers[k].step()
                 run.updates[k] += 1
             run.steps += 1
@@ -661,19 +678,19 @@ def train(run, data, log=print, shard=slice(None)):
                 run.step_seconds.setdefault(tuple(learning), []).append(time.perf_counter() - t_step)
         sync(device)
         run.seconds += time.perf_counter() - t_epoch
-        run.epoch = epoch
         test_bpd, part_bpd = evaluate(model, test_images, cfg.batch_size, device)
         train_parts = [s / c if c else None for s, c in zip(loss_sums, loss_counts)]
-        finish_epoch(run, phase, train_parts, test_bpd, part_bpd, log)
+        finish_epoch(run, epoch, phase, train_parts, test_bpd, part_bpd, log)
     return run
 
-def nonfinite_part(model, x, learning, values):
-    """The 1-based part whose loss went non-finite (end to end: the first non-finite truncated flow)."""
-    if len(values) == len(learning):
-        return next(k for k, v in zip(learning, values) if not math.isfinite(v)) + 1
-    with torch.no_grad():
-        log_probs, _ = model.truncated(x)
-    return next((k + 1 for k, lp in enumerate(log_probs) if not torch.isfinite(lp).all()), "?")
+@torch.no_grad()
+def first_nonfinite_part(model, x, learning, values):
+    """The first part (1-based) whose truncated loss on x is not finite: where a failure starts, even
+    when a later part's loss is the one that showed it; else the first learner with a bad loss."""
+    log_probs, _ = model.truncated(x)
+    bad = [k for k, lp in enumerate(log_probs) if not torch.isfinite(lp).all()]
+    bad += [k for k, v in zip(learning, values) if len(values) == len(learning) and not math.isfinite(v)]
+    return bad[0] + 1 if bad else "?"
 
 @torch.no_grad()
 def evaluate(model, images, batch_size, device):
@@ -694,38 +711,40 @@ def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-def finish_epoch(run, phase, train_parts, test_bpd, part_bpd, log):
+def finish_epoch(run, epoch, phase, train_parts, test_bpd, part_bpd, log):
     """Record and print the epoch's metrics; write samples, checkpoint and metrics.jsonl."""
     if not math.isfinite(test_bpd):
         k = next(k for k, v in enumerate(part_bpd) if not math.isfinite(v))
-        raise NonFiniteLoss(f"non-finite test bits/dim in part {k + 1} of {len(part_bpd)} at epoch "
-                            f"{run.epoch} ({phase}); the last good checkpoint is kept")
-    metrics = {"epoch": run.epoch, "phase": phase,
+        raise NonFiniteLoss(f"non-finite test bits/dim in part {k + 1} of {len(part_bpd)} at epoch {epoch} "
+                            f"({phase}); {checkpoint_note(run.cfg.out)}")
+    run.epoch = epoch
+    metrics = {"epoch": epoch, "phase": phase,
                "train_bpd": train_parts[-1],  # mean over the epoch's steps that ran the whole flow
                "test_bpd": test_bpd, "part_losses": part_bpd,
                "train_part_losses": None if phase in END_TO_END else train_parts,
                "seconds": run.seconds, "steps": run.steps}
     run.history.append(metrics)
     train_txt = f"{train_parts[-1]:.3f}" if train_parts[-1] is not None else "  -  "
-    log(f"epoch {run.epoch:3d} | {phase:10s} | train {train_txt} | test {test_bpd:.3f} | parts "
+    log(f"epoch {epoch:3d} | {phase:10s} | train {train_txt} | test {test_bpd:.3f} | parts "
         + " ".join(f"{v:.3f}" for v in part_bpd) + f" | {run.seconds:7.1f} s")
     out = run.cfg.out
     if out:
         from torchvision.utils import save_image
         os.makedirs(out, exist_ok=True)
         samples = postprocess(run.model.sample(64, temperature=0.7)).float().cpu()
-        save_image(samples, os.path.join(out, f"samples_{run.epoch:03d}.png"), nrow=8)
+        save_image(samples, os.path.join(out, f"samples_{epoch:03d}.png"), nrow=8)
         save_checkpoint(run, os.path.join(out, "checkpoint.pt"))
-        # after the checkpoint, so metrics.jsonl never holds an epoch that a resume would redo
-        with open(os.path.join(out, "metrics.jsonl.tmp"), "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in run.history)
-        os.replace(os.path.join(out, "metrics.jsonl.tmp"), os.path.join(out, "metrics.jsonl"))
+
+        def write_metrics(path):  # after the checkpoint: it never holds an epoch a resume would redo
+            with open(path, "w") as f:
+                f.writelines(json.dumps(m) + "\n" for m in run.history)
+        write_atomic(os.path.join(out, "metrics.jsonl"), write_metrics)
 
 # --- runs: build, checkpoint, resume
 
-def build_model(cfg, in_channels):
+def build_model(cfg):
     torch.manual_seed(cfg.seed)
-    model = Glow(in_channels=in_channels, image_size=cfg.image_size, n_levels=cfg.levels,
+    model = Glow(in_channels=NATIVE[cfg.dataset][0], image_size=cfg.image_size, n_levels=cfg.levels,
                  n_steps=cfg.steps, hidden=cfg.hidden, parts=cfg.parts, n_bits=cfg.n_bits,
                  part_prior=cfg.part_prior)
     return model.to(cfg.device, memory_format=torch.channels_last)
@@ -737,8 +756,19 @@ def prepare_data(cfg):
         train_images = train_images[:cfg.subset]
     return resize(train_images, cfg.image_size), resize(test_images, cfg.image_size)
 
+def write_atomic(path, write):
+    """write(temporary path), then rename it onto path: a reader (or a resume) sees the old file or
+    the new one, never half of one, and a failed write leaves no temporary file behind."""
+    tmp = f"{path}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
 def save_checkpoint(run, path):
-    """Everything a resume needs, written to a temporary file and renamed: never half-written."""
+    """Everything a resume needs: the config, weights, every part's Adam, counters, RNG, metrics."""
     device = torch.device(run.cfg.device)
     rng = {"cpu": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
@@ -746,51 +776,79 @@ def save_checkpoint(run, path):
              "optimizers": [o.state_dict() for o in run.optimizers], "updates": run.updates,
              "epoch": run.epoch, "seconds": run.seconds, "steps": run.steps, "history": run.history,
              "rng": rng}
-    torch.save(state, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 def load_checkpoint(path):
+    """The checkpoint at path, its keys and config checked (start_run checks the weights): UsageError."""
     if not os.path.isfile(path):
         raise UsageError(f"--resume: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(ckpt, dict) and {"model", "optimizers", "config", "epoch"} <= ckpt.keys()
     except Exception as e:
         raise UsageError(f"--resume: checkpoint {path} is corrupt or unreadable ({type(e).__name__})") from None
+    keys = ("config", "model", "optimizers", "updates", "epoch", "seconds", "steps", "history", "rng")
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UsageError(f"--resume: checkpoint {path} lacks {', '.join(missing)}")
+    odd = sorted({f.name for f in fields(Config)} ^ set(ckpt["config"]))
+    if odd:
+        raise UsageError(f"--resume: the config in {path} lacks or has unknown settings: {', '.join(odd)}")
     return ckpt
 
-def start_run(cfg, data=None, init_state=None, resume=False):
-    """(run before its first step, (train, test) images): fresh, or resumed from cfg.out's checkpoint.
+def checkpoint_note(out):
+    """The truth about what a stopped run leaves behind, for its last message."""
+    path = os.path.join(out or "", "checkpoint.pt")
+    if not out or not os.path.isfile(path):
+        return "no checkpoint was written"
+    epoch = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["epoch"]
+    return f"the checkpoint of epoch {epoch} in {out} is kept"
 
-    A fresh run seeds everything from cfg.seed and initialises ActNorm on the first INIT_BATCH
-    training images (or loads init_state). A resumed run takes the checkpoint's config, except the
-    epochs to reach, the device, the data loader workers and the directory."""
-    ckpt = load_checkpoint(os.path.join(cfg.out, "checkpoint.pt")) if resume else None
-    if ckpt:
-        cfg = replace(Config(**ckpt["config"]), epochs=cfg.epochs, finetune=cfg.finetune,
-                      device=cfg.device, num_workers=cfg.num_workers, out=cfg.out)
-    train_images, test_images = data if data is not None else prepare_data(cfg)
-    if len(train_images) < cfg.batch_size:
-        raise UsageError(f"batch size {cfg.batch_size} is larger than the {len(train_images)} training images")
+def default_warmup(cfg, steps_per_epoch):
+    """A tenth of the updates each part gets when the parts take turns, at most 500 (CIFAR-10's)."""
+    steps = (cfg.epochs + cfg.finetune) * steps_per_epoch
+    return max(1, min(500, steps // len(cfg.parts) // 10))
+
+def start_run(cfg, data=None, init_state=None, ckpt=None):
+    """(run before its first step, (train, test) images): fresh, or restored from ckpt.
+
+    A fresh run seeds everything from cfg.seed, initialises ActNorm on the first INIT_BATCH
+    training images (or loads init_state) and fixes its warmup. The checkpoint's weights and
+    optimizer states are checked against its config before any data is loaded."""
     device = torch.device(cfg.device)
-    model = build_model(cfg, train_images.shape[1])
+    model = build_model(cfg)
     run = Run(cfg, model, make_optimizers(model), updates=[0] * len(model.parts))
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        for optimizer, state in zip(run.optimizers, ckpt["optimizers"]):
-            optimizer.load_state_dict(state)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            detail = next(line.strip() for line in str(e).splitlines()[1:] + [str(e)] if line.strip())
+            raise UsageError(f"--resume: the checkpoint's weights do not fit its config ({detail})") from None
+        if not len(ckpt["optimizers"]) == len(ckpt["updates"]) == len(model.parts):
+            raise UsageError(f"--resume: the checkpoint holds {len(ckpt['optimizers'])} optimizer states and "
+                             f"{len(ckpt['updates'])} update counts for {len(model.parts)} parts")
+        for k, (optimizer, state) in enumerate(zip(run.optimizers, ckpt["optimizers"])):
+            try:
+                optimizer.load_state_dict(state)
+            except (ValueError, KeyError, TypeError) as e:
+                raise UsageError(f"--resume: the checkpoint's optimizer state of part {k + 1} does not fit "
+                                 f"that part ({str(e).splitlines()[0]})") from None
         run.updates, run.epoch, run.seconds = ckpt["updates"], ckpt["epoch"], ckpt["seconds"]
         run.steps, run.history = ckpt["steps"], ckpt["history"]
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    else:
+    train_images, test_images = data if data is not None else prepare_data(cfg)
+    if len(train_images) < cfg.batch_size:
+        raise UsageError(f"batch size {cfg.batch_size} is larger than the {len(train_images)} training images")
+    if not ckpt:
         if init_state is not None:
             model.load_state_dict(init_state)
         first = preprocess(train_images[:INIT_BATCH].to(device), cfg.n_bits,
                            generator=torch.Generator(device=device).manual_seed(cfg.seed))
         model.initialize(first)
         torch.manual_seed(cfg.seed)  # every mechanism sees the same dequantization noise
+        if cfg.warmup is None:
+            run.cfg = replace(cfg, warmup=default_warmup(cfg, len(train_images) // cfg.batch_size))
     return run, (train_images, test_images)
 
 def weights_hash(model):
@@ -1033,7 +1091,7 @@ def init_distributed(cfg, local_rank):
     dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     return cfg
 
-def train_data_parallel(cfg, resume, rank, world, log):
+def train_data_parallel(cfg, ckpt, rank, world, log):
     """Every process holds the whole model and trains on its rows of each global batch; before a
     part's optimizer steps, its gradients are averaged over the processes. Process 0 writes."""
     import torch.distributed as dist
@@ -1046,7 +1104,7 @@ def train_data_parallel(cfg, resume, rank, world, log):
         for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(avg.view_as(g))
 
-    run, data = start_run(cfg, resume=resume)  # same seed, same init batch: identical replicas
+    run, data = start_run(cfg, ckpt=ckpt)  # same seed, same init batch: identical replicas
     for optimizer in run.optimizers:
         optimizer.register_step_pre_hook(average_gradients)
     if rank:
@@ -1058,7 +1116,7 @@ def train_data_parallel(cfg, resume, rank, world, log):
         raise RuntimeError(f"data-parallel replicas diverged: weight hashes {hashes}")
     log(f"data parallel over {world} processes: replicas identical at the end (weight hashes compared)")
 
-def train_pipeline(cfg, resume, rank, world, log):
+def train_pipeline(cfg, ckpt, rank, world, log):
     """--mode parallel under torchrun: process k owns part k and trains it on its truncated objective.
 
     Process 0 reads the data. Each process receives the carry (h_{k-1}, the earlier parts' constant
@@ -1068,7 +1126,7 @@ def train_pipeline(cfg, resume, rank, world, log):
     own part ever learns; at the end of an epoch process 0 gathers the parts, evaluates the model
     and writes one checkpoint, in the single-process format."""
     import torch.distributed as dist
-    run, (train_images, test_images) = start_run(cfg, resume=resume)
+    run, (train_images, test_images) = start_run(cfg, ckpt=ckpt)
     cfg, model, device = run.cfg, run.model, torch.device(run.cfg.device)
     optimizer, lr = run.optimizers[rank], (cfg.part_lr or [cfg.lr] * world)[rank]
     B, steps_per_epoch = cfg.batch_size, len(train_images) // cfg.batch_size
@@ -1122,12 +1180,11 @@ def train_pipeline(cfg, resume, rank, world, log):
         dist.barrier()
         run.seconds += time.perf_counter() - t0
         run.steps += steps_per_epoch
-        run.epoch = epoch
         for t in (loss_sum, n_bad, traffic):
             dist.all_reduce(t)
         if n_bad.sum() > 0:
             raise NonFiniteLoss(f"non-finite loss in part {int(torch.nonzero(n_bad)[0]) + 1} of {world} "
-                                f"at epoch {epoch} (pipeline); the last good checkpoint is kept")
+                                f"at epoch {epoch} (pipeline); {checkpoint_note(cfg.out)}")
         # process 0 gathers every part (weights, Adam state, update count) into one checkpoint
         mine = io.BytesIO()
         torch.save({"part": model.parts[rank].state_dict(), "optimizer": optimizer.state_dict(),
@@ -1141,7 +1198,7 @@ def train_pipeline(cfg, resume, rank, world, log):
                 run.optimizers[k].load_state_dict(theirs["optimizer"])
                 run.updates[k] = theirs["updates"]
             test_bpd, part_bpd = evaluate(model, test_images, B, device)
-            finish_epoch(run, cfg.mode, (loss_sum / steps_per_epoch).tolist(), test_bpd, part_bpd, log)
+            finish_epoch(run, epoch, cfg.mode, (loss_sum / steps_per_epoch).tolist(), test_bpd, part_bpd, log)
             log(f"          pipeline: {int(traffic[0]):,} bytes sent forward between parts this epoch, "
                 f"{int(traffic[1])} backward")
         dist.barrier()
@@ -1162,27 +1219,60 @@ def parse_modes(text):
 
 def make_parser():
     p = Parser(description="Glow trained in gradient-isolated parts: full, alternate, sequential or "
-                           "parallel training, + finetuning, and the poster's comparison.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Config):
-        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata)
+                           "parallel training, + finetuning, and the poster's comparison.")
+    for f in fields(Config):  # no argparse defaults: a flag not given takes Config's, or the checkpoint's
+        kwargs = {**f.metadata, "help": f"{f.metadata['help']} (default: {f.default})"}
+        p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kwargs)
     g = p.add_argument_group("what to do (default: train)").add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue the run in --out up to the requested epochs")
+    g.add_argument("--resume", action="store_true",
+                   help=f"continue the run in --out; it may change only --{', --'.join(RESUMABLE)}".replace("_", "-"))
     g.add_argument("--compare", action="store_true",
                    help="train the mechanisms side by side from the same start into --out; write compare.json/png")
     g.add_argument("--benchmark", action="store_true",
                    help="time one step of each --compare-modes mechanism at this model size on random images")
     p.add_argument("--compare-modes", type=parse_modes, default="full,alternate",
-                   help="mechanisms --compare (or --benchmark) runs")
+                   help="mechanisms --compare (or --benchmark) runs (default: full,alternate)")
     return p
 
-def config_from_args(args):
-    """The run's Config from parsed flags, after every check that needs no data (UsageError)."""
+RESUMABLE = ("epochs", "finetune", "lr", "part_lr", "warmup", "data_dir", "device", "num_workers", "out")
+
+def resume_config(saved, given, done, log):
+    """A resumed run's Config: the checkpoint's, with the flags given applied where a resume may
+    change them (each one logged), and refused with one line where it may not."""
+    changed = {k: v for k, v in given.items() if getattr(replace(saved, **{k: v}), k) != getattr(saved, k)}
+    for k, v in changed.items():
+        if k not in RESUMABLE:
+            raise UsageError(f"--{k} {v}: this run was built with {k} = {getattr(saved, k)}, and a resume "
+                             f"cannot change that (it may change --{', --'.join(RESUMABLE)})".replace("_", "-"))
+    cfg = replace(saved, **changed)
+    if cfg.epochs != saved.epochs and (saved.mode == "sequential" or done > min(cfg.epochs, saved.epochs)):
+        why = (f"a sequential run sizes each part's turn from --epochs ({saved.epochs} here), so it cannot "
+               f"continue exactly to another value" if saved.mode == "sequential" else
+               f"the run has already trained {done} epochs, past its {saved.epochs} of {saved.mode}")
+        raise UsageError(f"--epochs {cfg.epochs}: {why}; keep --epochs {saved.epochs} (--finetune may change)")
+    if cfg.epochs + cfg.finetune <= done:
+        raise UsageError(f"the run in {cfg.out} already has {done} epochs ({saved.epochs} + {saved.finetune} "
+                         f"finetuning); ask for more with --epochs or --finetune")
+    for k, v in changed.items():
+        log(f"resume: --{k.replace('_', '-')} {v} (was {getattr(saved, k)})")
+    return cfg
+
+def config_from_args(args, log=print):
+    """(Config, checkpoint or None) from parsed flags, after every check that needs no data.
+
+    A flag not given takes Config's default, or on --resume the checkpoint's setting. UsageError
+    (one line) for anything wrong: flags, flag combinations, the checkpoint, the run directory."""
+    given = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
+    ckpt = None
     try:
-        cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+        cfg = Config(**given)
+        cfg.out = cfg.out or os.path.join("runs", f"{cfg.dataset}-{'compare' if args.compare else cfg.mode}")
+        if args.resume:
+            ckpt = load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))
+            cfg = resume_config(Config(**ckpt["config"]), {**given, "out": cfg.out}, ckpt["epoch"], log)
         check_parts(cfg.parts, cfg.levels, cfg.steps)
-    except ValueError as e:
-        raise UsageError(f"--parts: {e}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--parts: {e}" if "part" in str(e) else f"bad setting: {e}") from None
     if cfg.image_size % 2 ** cfg.levels:
         fit = 2 ** cfg.levels * max(1, round(cfg.image_size / 2 ** cfg.levels))
         raise UsageError(f"image size {cfg.image_size} is not divisible by 2^levels = {2 ** cfg.levels}; "
@@ -1197,49 +1287,95 @@ def config_from_args(args):
         torch.empty(0, device=cfg.device)
     except (RuntimeError, AssertionError) as e:
         raise UsageError(f"--device {cfg.device}: not usable here ({str(e).splitlines()[0]})") from None
-    cfg.out = cfg.out or os.path.join("runs", f"{cfg.dataset}-{'compare' if args.compare else cfg.mode}")
+    if args.benchmark:
+        return cfg, None
+    if cfg.epochs + cfg.finetune == 0 or (args.compare and cfg.epochs == 0):
+        raise UsageError("nothing to train: give --epochs (and --finetune)" if not args.compare else
+                         "--compare times each mechanism's own epochs: give --epochs >= 1")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out} is a file, not a directory")
-    if not args.resume and not args.benchmark and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+    if not args.resume and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
         raise UsageError(f"--out {cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
-    return cfg
+    held = [f for f in ["compare.json"] + [f"{m}/checkpoint.pt" for m in MODES] if os.path.exists(os.path.join(cfg.out, f))]
+    if args.compare and held:
+        raise UsageError(f"--out {cfg.out} already holds a comparison ({held[0]}); choose another --out")
+    return cfg, ckpt
+
+def claim_run_dir(out):
+    """Create `out` and lock it for this process: one writer per run directory. The lock is the
+    operating system's (flock), so it ends with the process however the process ends, kill -9 too."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "a+")
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create or write it ({e.strerror or e})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "?"
+        lock.close()
+        raise UsageError(f"--out {out} is in use by another run (process {owner}); wait for it to end, "
+                         f"or choose another --out") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock  # the lock lasts as long as this file stays open
+
+class Interrupted(Exception):
+    """SIGTERM (what a cluster scheduler sends), handled like Ctrl-C."""
+
+def interrupt(signum, frame):
+    raise Interrupted()
 
 def main(argv=None):
     rank, local_rank, world = torchrun_env()
     log = print if rank == 0 else (lambda *a: None)
+    lock, args, cfg = None, None, None
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         args = make_parser().parse_args(argv)
-        cfg = config_from_args(args)
-        if isinstance(args.parts, str):
+        cfg, ckpt = config_from_args(args, log)
+        if isinstance(getattr(args, "parts", None), str):
             log(f"--parts {args.parts} = {','.join(map(str, cfg.parts))} (equal multiply-adds per part)")
         if world > 1:
             check_torchrun(cfg, args, world)
+        if rank == 0 and not args.benchmark:
+            lock = claim_run_dir(cfg.out)  # before any data is loaded
+        if world > 1:
             cfg = init_distributed(cfg, local_rank)
             distributed = train_pipeline if cfg.mode == "parallel" else train_data_parallel
-            distributed(cfg, args.resume, rank, world, log)
+            distributed(cfg, ckpt, rank, world, log)
         elif args.benchmark:
             benchmark(cfg, args.compare_modes)
         elif args.compare:
-            os.makedirs(cfg.out, exist_ok=True)
             compare(cfg, args.compare_modes)
         else:
-            run, data = start_run(cfg, resume=args.resume)
-            train(run, data, log)
-    except UsageError as e:
+            train(*start_run(cfg, ckpt=ckpt), log)
+    except UsageError as e:  # every process finds the same ones; process 0 reports them
         if rank == 0:
             print(f"glow_parts.py: error: {e}", file=sys.stderr)
+        else:
+            time.sleep(2)  # so that torchrun does not stop process 0 before it has said why
         return 2
     except NonFiniteLoss as e:
         print(f"glow_parts.py: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("glow_parts.py: interrupted; the last checkpoint is kept", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Interrupted) as e:
+        how = "SIGTERM" if isinstance(e, Interrupted) else "Ctrl-C"
+        if cfg is None or args.benchmark:
+            kept = "nothing was written"
+        else:
+            kept = f"each run's last checkpoint is kept under {cfg.out}" if args.compare else checkpoint_note(cfg.out)
+        print(f"glow_parts.py: interrupted ({how}); {kept}", file=sys.stderr)
+        return 143 if isinstance(e, Interrupted) else 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
+        if lock:
+            lock.close()
         if "torch.distributed" in sys.modules and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -239,10 +239,14 @@ import json  # noqa: E402
 from dataclasses import replace  # noqa: E402
 import os  # noqa: E402
 import pickle  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 TINY = ["--dataset", "digits", "--levels", "2", "--steps", "2", "--hidden", "16", "--subset", "512",
         "--batch-size", "32", "--warmup", "10", "--lr", "2e-3"]
@@ -253,7 +257,7 @@ def quiet(*args):
 
 
 def tiny_cfg(tmp_path=None, **overrides):
-    cfg = gp.config_from_args(gp.make_parser().parse_args(TINY + ["--out", str(tmp_path or "unused")]))
+    cfg, _ = gp.config_from_args(gp.make_parser().parse_args(TINY + ["--out", str(tmp_path or "unused")]))
     return replace(cfg, out=str(tmp_path) if tmp_path else None, **overrides)
 
 
@@ -420,6 +424,18 @@ BAD = {
     "no such device": ["--device", "cuda:7"],
     "not a device": ["--device", "toaster"],
     "batch larger than data": ["--subset", "16", "--batch-size", "32"],
+    "lr inf": ["--lr", "inf"],
+    "lr nan": ["--lr", "nan"],
+    "part lr negative": ["--part-lr", "1e-3,-1"],
+    "seed too large": ["--seed", "99999999999999999999999"],
+    "seed negative": ["--seed", "-1"],
+    "image size huge": ["--image-size", "1073741824"],
+    "nothing to train": ["--epochs", "0", "--finetune", "0"],
+    "compare without epochs": ["--compare", "--epochs", "0", "--finetune", "1"],
+    "resume and compare": ["--resume", "--compare"],
+    "out under /proc": ["--out", "/proc/glow-parts-test/run"],
+    "unknown part prior": ["--part-prior", "wide"],
+    "compare modes without full": ["--compare", "--compare-modes", "alternate,sequential"],
 }
 
 
@@ -430,13 +446,29 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(case, tmp_path, capsys
     assert code == 2 and err.startswith("glow_parts.py: error:") and err.count("\n") == 1, (case, err)
 
 
-def test_missing_data_offline_says_where_to_put_files(tmp_path, capsys, monkeypatch):
+def test_missing_data_offline_says_where_to_put_files_and_leaves_no_data_dir(tmp_path, capsys, monkeypatch):
     offline(monkeypatch)
     for dataset, where in (("cifar10", "cifar-10-batches-py"), ("fashion-mnist", "FashionMNIST/raw")):
         code = gp.main(["--dataset", dataset, "--data-dir", str(tmp_path / "data"), "--levels", "2", "--steps", "2",
                         "--epochs", "1", "--image-size", "16", "--out", str(tmp_path / dataset)])
         err = capsys.readouterr().err
         assert code == 2 and where in err and "--dataset digits" in err and err.count("\n") == 1, err
+        assert not (tmp_path / "data").exists()  # the failed load created it, and took it away again
+
+
+def test_a_corrupt_idx_file_is_named(tmp_path, capsys, monkeypatch):
+    offline(monkeypatch)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("t10k", 6)):
+        write_idx_images(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx_labels(raw / f"{split}-labels-idx1-ubyte", n)
+    (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x07" + bytes(100))  # a wrong magic number
+    code = gp.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--image-size", "16", "--levels", "2",
+                    "--steps", "2", "--epochs", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "train-images-idx3-ubyte is not an idx file" in err and err.count("\n") == 1, err
 
 
 def test_resume_without_or_with_a_corrupt_checkpoint_and_out_as_file_exit_2(tmp_path, capsys):
@@ -473,6 +505,155 @@ def test_nonfinite_loss_stops_naming_part_and_epoch_and_keeps_last_checkpoint(tm
     err = capsys.readouterr().err
     assert code == 1 and "part 2 of 2" in err and "epoch 2" in err, err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+# --- faults: one writer per run directory, kill -9 and SIGTERM, malformed checkpoints, explicit resume
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    assert err.startswith("glow_parts.py: error:") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_second_writer_is_refused_for_runs_and_comparisons(tmp_path, capsys):
+    for out, extra in ((tmp_path / "run", []), (tmp_path / "cmp", ["--compare", "--epochs", "1"])):
+        lock = gp.claim_run_dir(str(out))  # another process holds it (flock: another open file is another owner)
+        assert gp.main(TINY + ["--epochs", "1", "--out", str(out)] + extra) == 2
+        assert "in use by another run" in one_error_line(capsys)
+        lock.close()  # the other writer ends
+        assert gp.main(TINY + ["--epochs", "1", "--out", str(out)] + extra) == 0
+    capsys.readouterr()
+    assert gp.main(TINY + ["--out", str(tmp_path / "cmp"), "--compare", "--epochs", "1"]) == 2
+    assert "already holds a comparison" in one_error_line(capsys)  # never overwritten
+
+
+def test_out_that_cannot_be_created_is_refused_before_loading_data(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(gp, "prepare_data", lambda cfg: pytest.fail("data loaded before the check"))
+    assert gp.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "file" / "run")]) == 2
+    assert "cannot create or write it" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("mode", gp.MODES)
+def test_kill_9_then_resume_continues_exactly_like_an_uninterrupted_run(mode, tmp_path):
+    flags = TINY + ["--mode", mode, "--epochs", "6", "--finetune", "2"]
+    assert gp.main(flags + ["--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "glow_parts.py", *flags, "--out", str(out)], cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None:  # the first checkpoint
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert gp.main(flags + ["--out", str(out), "--resume"]) == 0  # the dead run's lock is gone with it
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(out)
+    assert [m["epoch"] for m in resumed] == list(range(1, 9))
+    assert [m["part_losses"] for m in resumed] == [m["part_losses"] for m in straight]
+
+
+def test_sigterm_stops_like_ctrl_c_and_tells_which_checkpoint_is_kept(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "glow_parts.py", *TINY, "--epochs", "50", "--out", str(out)],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    epoch = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+    assert proc.returncode == 143 and "Traceback" not in err and err.count("\n") == 1, err
+    assert f"interrupted (SIGTERM); the checkpoint of epoch {epoch} in {out} is kept" in err
+
+
+def malform(ckpt, how):
+    if how == "no rng":
+        del ckpt["rng"]
+    elif how == "config does not fit the weights":
+        ckpt["config"]["hidden"] = 9
+    elif how == "optimizers do not fit the parts":
+        ckpt["optimizers"] = ckpt["optimizers"][::-1]
+    elif how == "one optimizer too few":
+        ckpt["optimizers"] = ckpt["optimizers"][:1]
+    elif how == "config lacks a setting":
+        del ckpt["config"]["warmup"]
+    return ckpt
+
+
+@pytest.mark.parametrize("how,match", [
+    ("no rng", "lacks rng"), ("config does not fit the weights", "weights do not fit its config"),
+    ("optimizers do not fit the parts", "optimizer state of part 1"), ("one optimizer too few", "1 optimizer states"),
+    ("config lacks a setting", "lacks or has unknown settings: warmup")])
+def test_a_malformed_checkpoint_is_refused_with_one_line_naming_what_is_wrong(how, match, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert gp.main(TINY + ["--parts", "1,3", "--epochs", "1", "--out", str(out)]) == 0
+    torch.save(malform(torch.load(out / "checkpoint.pt", weights_only=True), how), out / "checkpoint.pt")
+    capsys.readouterr()
+    assert gp.main(["--out", str(out), "--resume", "--epochs", "2"]) == 2
+    assert match in one_error_line(capsys)
+
+
+def test_resume_applies_and_logs_the_flags_it_may_change_and_refuses_the_others(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert gp.main(TINY + ["--mode", "sequential", "--epochs", "2", "--out", out]) == 0
+    capsys.readouterr()
+    refused = {"--hidden 32": "hidden = 16", "--mode full": "mode = sequential", "--dataset fashion-mnist": "digits",
+               "--epochs 3": "sequential run sizes each part's turn", "--finetune 0": "already has 2 epochs"}
+    for flags, match in refused.items():
+        assert gp.main(["--out", out, "--resume", *flags.split()]) == 2
+        err = one_error_line(capsys)
+        assert flags.split()[0] in err or "already" in err
+        assert match in err, err
+    assert gp.main(["--out", out, "--resume", "--finetune", "1", "--lr", "1e-4", "--dataset", "digits"]) == 0
+    printed = capsys.readouterr().out
+    assert "resume: --lr 0.0001 (was 0.002)" in printed and "resume: --finetune 1 (was 0)" in printed
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["config"]["lr"] == 1e-4 and ckpt["config"]["hidden"] == 16
+
+
+def test_a_torchrun_resume_counts_processes_against_the_checkpoints_parts(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "run")
+    assert gp.main(TINY + ["--mode", "parallel", "--parts", "1,1,2", "--epochs", "1", "--out", out]) == 0
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    capsys.readouterr()
+    assert gp.main(["--out", out, "--resume", "--epochs", "2"]) == 2
+    assert "3 parts but 2 processes; use --nproc_per_node 3" in one_error_line(capsys)
+
+
+def test_nonfinite_loss_names_the_part_that_broke_not_the_one_that_noticed(tmp_path, capsys):
+    # part 1 steps first at a huge rate and breaks; part 2's loss, computed on part 1's output, shows it
+    code = gp.main(TINY + ["--part-lr", "1e10,1e-3", "--epochs", "2", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and "part 1 of 2" in err and "no checkpoint was written" in err, err
+
+
+def test_default_warmup_fits_the_run_and_is_stored_with_it(tmp_path):
+    assert gp.default_warmup(gp.Config(epochs=60, finetune=30), 781) == 500  # CIFAR-10: the official 500
+    assert gp.default_warmup(gp.Config(dataset="digits", levels=2, epochs=3), 46) == 6  # 138 steps / 2 parts / 10
+    run, _ = gp.start_run(replace(tiny_cfg(), warmup=None, epochs=4))
+    assert run.cfg.warmup == 4 * (512 // 32) // 2 // 10
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_text("old")
+
+    def crash(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        gp.write_atomic(str(path), crash)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_torchrun_usage_error_is_reported_once_as_one_line(tmp_path):
+    proc = torchrun(2, TINY + ["--mode", "parallel", "--parts", "1,1,2", "--out", str(tmp_path / "run")], timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("glow_parts.py:")]
+    assert proc.returncode != 0 and lines == [lines[0]] and "one part per process" in lines[0], proc.stderr[-2000:]
 
 
 # --- the poster's comparison
@@ -515,7 +696,6 @@ def test_measure_step_counts_boundary_bytes_at_a_mid_level_cut():
 
 # --- beyond the poster: parallel parts, the pipeline across processes, data parallel, balanced cuts
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def torchrun(nproc, args, timeout=600):
@@ -541,7 +721,7 @@ def test_pipeline_on_two_processes_sends_nothing_back_and_its_checkpoint_reloads
     assert [m["epoch"] for m in metrics] == [1, 2] and metrics[1]["test_bpd"] < metrics[0]["test_bpd"]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     cfg = gp.Config(**ckpt["config"])
-    model = gp.build_model(cfg, 1)
+    model = gp.build_model(cfg)
     model.load_state_dict(ckpt["model"])
     _, test = gp.prepare_data(cfg)
     bpd, parts = gp.evaluate(model, test, cfg.batch_size, torch.device("cpu"))
