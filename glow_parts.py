@@ -523,7 +523,8 @@ def number(low, high=None, kind=int):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"want {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+            want = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"want {want}, got {text!r}") from None
         closed = kind is int  # integer bounds are inclusive, float bounds exclusive (and never inf or nan)
         if not (math.isfinite(value) and (value >= low if closed else value > low)
                 and (high is None or (value <= high if closed else value < high))):
@@ -537,7 +538,8 @@ def parse_parts(text):
     try:
         return f"auto:{int(text[5:])}" if text.startswith("auto:") else [int(p) for p in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"want step counts like 32,16,16,32 or auto:P, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"want step counts like 32,16,16,32 or auto:P, got {text!r}") \
+            from None
 
 def parse_rates(text):
     return [number(0.0, kind=float)(v) for v in text.split(",")]
@@ -661,8 +663,9 @@ def train(run, data, log=print, shard=slice(None)):
                 losses = [bits_per_dim(log_prob, x, cfg.n_bits).mean() for log_prob in log_probs]
             values = [loss.item() for loss in losses]
             if not all(math.isfinite(v) for v in values):
-                raise NonFiniteLoss(f"non-finite loss in part {first_nonfinite_part(model, x, learning, values)} of {n_parts} "
-                                    f"at epoch {epoch} ({phase}), step {i}; {checkpoint_note(cfg.out)}")
+                k = first_nonfinite_part(model, x, learning, values)
+                raise NonFiniteLoss(f"non-finite loss in part {k} of {n_parts} at epoch {epoch} ({phase}), "
+                                    f"step {i}; {checkpoint_note(cfg.out)}")
             model.zero_grad(set_to_none=True)
             sum(losses).backward()
             for k in learning:  # only the learning parts step, each at its own warmed-up rate
@@ -785,7 +788,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"--resume: checkpoint {path} is corrupt or unreadable ({type(e).__name__})") from None
+        raise UsageError(f"--resume: checkpoint {path} is corrupt or unreadable ({type(e).__name__})") \
+            from None
     keys = ("config", "model", "optimizers", "updates", "epoch", "seconds", "steps", "history", "rng")
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -839,7 +843,8 @@ def start_run(cfg, data=None, init_state=None, ckpt=None):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
     train_images, test_images = data if data is not None else prepare_data(cfg)
     if len(train_images) < cfg.batch_size:
-        raise UsageError(f"batch size {cfg.batch_size} is larger than the {len(train_images)} training images")
+        raise UsageError(f"batch size {cfg.batch_size} is larger than the {len(train_images)} "
+                         f"training images")
     if not ckpt:
         if init_state is not None:
             model.load_state_dict(init_state)
@@ -980,7 +985,8 @@ def benchmark(cfg, modes, repeats=5, log=print):
              "| boundary grad KB |", "|---" * 7 + "|"]
     for r in rows:
         peak = f"{r['cuda_max_memory_allocated'] / 2 ** 20:.0f}" if r["cuda_max_memory_allocated"] else "-"
-        lines.append(f"| {r['mode']} | {r['step_seconds']:.3f} | {r['step_seconds'] / full['step_seconds']:.2f} | "
+        lines.append(f"| {r['mode']} | {r['step_seconds']:.3f} "
+                     f"| {r['step_seconds'] / full['step_seconds']:.2f} | "
                      + " ".join(f"{t:.3f}" for t in r["part_step_seconds"])
                      + f" | {r['activation_bytes'] / 2 ** 20:.1f} | {peak} "
                        f"| {r['boundary_backward_bytes'] / 2 ** 10:.0f} |")
@@ -995,8 +1001,9 @@ def summary_table(summary):
     for r in summary["runs"]:
         ttt = f"{r['time_to_target']:.0f}" if r["time_to_target"] is not None else "never"
         rows.append(f"| {r['name']} | {r['final_test_bpd']:.3f} | {r['train_seconds']:.0f} | "
-                    f"{r['train_seconds'] / full['train_seconds']:.2f} | {ttt} | {1e3 * r['step_seconds']:.1f} | "
-                    f"{r['step_seconds'] / full['step_seconds']:.2f} | {r['activation_bytes'] / 2 ** 20:.1f} | "
+                    f"{r['train_seconds'] / full['train_seconds']:.2f} | {ttt} | "
+                    f"{1e3 * r['step_seconds']:.1f} | {r['step_seconds'] / full['step_seconds']:.2f} | "
+                    f"{r['activation_bytes'] / 2 ** 20:.1f} | "
                     f"{r['boundary_backward_bytes'] / 2 ** 10:.0f} |")
     return "\n".join(rows)
 
@@ -1008,10 +1015,12 @@ def plot_compare(summary, path):
     for r in summary["runs"]:
         curve = r["curve"]
         for ax, key in zip(axes, ("epoch", "seconds")):
-            line, = ax.plot([m[key] for m in curve], [m["test_bpd"] for m in curve], marker=".", label=r["name"])
+            line, = ax.plot([m[key] for m in curve], [m["test_bpd"] for m in curve], marker=".",
+                            label=r["name"])
             start = next((i for i, m in enumerate(curve) if m["phase"] == "finetune"), None)
             if start is not None:
-                ax.axvline(curve[start - 1][key] if start else 0, color=line.get_color(), linestyle=":", alpha=0.7)
+                ax.axvline(curve[start - 1][key] if start else 0, color=line.get_color(), linestyle=":",
+                           alpha=0.7)
     if summary["target_bpd"] is not None:
         for ax in axes:
             ax.axhline(summary["target_bpd"], color="grey", linewidth=0.8, alpha=0.6)
@@ -1072,7 +1081,8 @@ def torchrun_env():
 def check_torchrun(cfg, args, world):
     """Flag combinations that cannot run on `world` processes: UsageError."""
     if args.compare or args.benchmark:
-        raise UsageError("--compare and --benchmark time mechanisms in one process; run them without torchrun")
+        raise UsageError("--compare and --benchmark time mechanisms in one process; "
+                         "run them without torchrun")
     if cfg.mode == "parallel" and world != len(cfg.parts):
         raise UsageError(f"the pipeline runs one part per process: {len(cfg.parts)} parts but "
                          f"{world} processes; use --nproc_per_node {len(cfg.parts)}")
@@ -1080,7 +1090,8 @@ def check_torchrun(cfg, args, world):
         raise UsageError("the pipeline never sends gradients back, so it cannot finetune end to end; "
                          "resume its checkpoint without torchrun with --mode parallel --finetune N")
     if cfg.mode != "parallel" and cfg.batch_size % world:
-        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide among {world} processes")
+        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide among "
+                         f"{world} processes")
 
 def init_distributed(cfg, local_rank):
     """Join the process group (NCCL on GPUs, gloo on CPU); one GPU per local process."""
@@ -1225,9 +1236,10 @@ def make_parser():
         p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kwargs)
     g = p.add_argument_group("what to do (default: train)").add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
-                   help=f"continue the run in --out; it may change only --{', --'.join(RESUMABLE)}".replace("_", "-"))
+                   help=f"continue the run in --out; it may change only {flags(RESUMABLE)}")
     g.add_argument("--compare", action="store_true",
-                   help="train the mechanisms side by side from the same start into --out; write compare.json/png")
+                   help="train the mechanisms side by side from the same start into --out; "
+                        "write compare.json/png")
     g.add_argument("--benchmark", action="store_true",
                    help="time one step of each --compare-modes mechanism at this model size on random images")
     p.add_argument("--compare-modes", type=parse_modes, default="full,alternate",
@@ -1236,20 +1248,24 @@ def make_parser():
 
 RESUMABLE = ("epochs", "finetune", "lr", "part_lr", "warmup", "data_dir", "device", "num_workers", "out")
 
+def flags(names):
+    return ", ".join("--" + name.replace("_", "-") for name in names)
+
 def resume_config(saved, given, done, log):
     """A resumed run's Config: the checkpoint's, with the flags given applied where a resume may
     change them (each one logged), and refused with one line where it may not."""
     changed = {k: v for k, v in given.items() if getattr(replace(saved, **{k: v}), k) != getattr(saved, k)}
     for k, v in changed.items():
         if k not in RESUMABLE:
-            raise UsageError(f"--{k} {v}: this run was built with {k} = {getattr(saved, k)}, and a resume "
-                             f"cannot change that (it may change --{', --'.join(RESUMABLE)})".replace("_", "-"))
+            raise UsageError(f"{flags([k])} {v}: this run was built with {k} = {getattr(saved, k)}, and a resume "
+                             f"cannot change that (it may change {flags(RESUMABLE)})")
     cfg = replace(saved, **changed)
     if cfg.epochs != saved.epochs and (saved.mode == "sequential" or done > min(cfg.epochs, saved.epochs)):
         why = (f"a sequential run sizes each part's turn from --epochs ({saved.epochs} here), so it cannot "
                f"continue exactly to another value" if saved.mode == "sequential" else
                f"the run has already trained {done} epochs, past its {saved.epochs} of {saved.mode}")
-        raise UsageError(f"--epochs {cfg.epochs}: {why}; keep --epochs {saved.epochs} (--finetune may change)")
+        raise UsageError(f"--epochs {cfg.epochs}: {why}; keep --epochs {saved.epochs} "
+                         f"(--finetune may change)")
     if cfg.epochs + cfg.finetune <= done:
         raise UsageError(f"the run in {cfg.out} already has {done} epochs ({saved.epochs} + {saved.finetune} "
                          f"finetuning); ask for more with --epochs or --finetune")
@@ -1295,8 +1311,10 @@ def config_from_args(args, log=print):
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out} is a file, not a directory")
     if not args.resume and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
-        raise UsageError(f"--out {cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
-    held = [f for f in ["compare.json"] + [f"{m}/checkpoint.pt" for m in MODES] if os.path.exists(os.path.join(cfg.out, f))]
+        raise UsageError(f"--out {cfg.out} already holds a run: pass --resume to continue it, "
+                         f"or choose another --out")
+    held = [f for f in ["compare.json"] + [f"{m}/checkpoint.pt" for m in MODES]
+            if os.path.exists(os.path.join(cfg.out, f))]
     if args.compare and held:
         raise UsageError(f"--out {cfg.out} already holds a comparison ({held[0]}); choose another --out")
     return cfg, ckpt
@@ -1366,7 +1384,9 @@ def main(argv=None):
         if cfg is None or args.benchmark:
             kept = "nothing was written"
         else:
-            kept = f"each run's last checkpoint is kept under {cfg.out}" if args.compare else checkpoint_note(cfg.out)
+            kept = checkpoint_note(cfg.out)
+            if args.compare:
+                kept = f"each run's last checkpoint is kept under {cfg.out}"
         print(f"glow_parts.py: interrupted ({how}); {kept}", file=sys.stderr)
         return 143 if isinstance(e, Interrupted) else 130
     finally:
