@@ -1257,8 +1257,8 @@ def resume_config(saved, given, done, log):
     changed = {k: v for k, v in given.items() if getattr(replace(saved, **{k: v}), k) != getattr(saved, k)}
     for k, v in changed.items():
         if k not in RESUMABLE:
-            raise UsageError(f"{flags([k])} {v}: this run was built with {k} = {getattr(saved, k)}, and a resume "
-                             f"cannot change that (it may change {flags(RESUMABLE)})")
+            raise UsageError(f"{flags([k])} {v}: this run was built with {k} = {getattr(saved, k)}, "
+                             f"and a resume cannot change that (it may change {flags(RESUMABLE)})")
     cfg = replace(saved, **changed)
     if cfg.epochs != saved.epochs and (saved.mode == "sequential" or done > min(cfg.epochs, saved.epochs)):
         why = (f"a sequential run sizes each part's turn from --epochs ({saved.epochs} here), so it cannot "
