@@ -574,6 +574,9 @@ class Config:
     warmup: int | None = setting(None, "linear warmup, in each part's own updates; None: a tenth of each "
                                  "part's updates in the run, at most 500", type=number(1))
     alternate_every: int = setting(1, "steps per turn in alternate mode", type=number(1))
+    ema: float | None = setting(None, "Polyak averaging (the Glow paper's): the decay of a moving average of "
+                                "the weights, which then evaluates, samples and is checkpointed beside them; "
+                                "None: off", type=number(0.0, 1.0, float))
     seed: int = setting(0, "weights, data order and noise all follow from it", type=number(0, 2 ** 32 - 1))
     device: str | None = setting(None, "cpu, cuda, cuda:1, mps; None: cuda if there is one")
     num_workers: int = setting(0, "DataLoader worker processes", type=number(0))
@@ -601,6 +604,7 @@ class Run:
     seconds: float = 0.0  # training time so far, evaluation excluded
     steps: int = 0
     history: list = field(default_factory=list)  # one metrics dict per finished epoch
+    ema: Glow | None = None  # the moving average of the weights (--ema)
     step_seconds: dict = field(default_factory=dict)  # {learning parts: [s, ...]}, not checkpointed
 
 def learning_parts(phase, step, phase_steps, n_parts, every=1):
@@ -643,6 +647,7 @@ def train(run, data, log=print, shard=slice(None)):
     cfg, model, optimizers = run.cfg, run.model, run.optimizers
     device, n_parts = torch.device(cfg.device), len(model.parts)
     lrs, warmup = cfg.part_lr or [cfg.lr] * n_parts, cfg.warmup
+    params, averages = list(model.parameters()), list(run.ema.parameters()) if run.ema else None
     train_images, test_images = data
     steps_per_epoch = len(train_images) // cfg.batch_size
     model.train()
@@ -673,6 +678,9 @@ def train(run, data, log=print, shard=slice(None)):
                     group["lr"] = warmed_up(lrs[k], run.updates[k], warmup)
                 optimizers[k].step()
                 run.updates[k] += 1
+            if run.ema:  # Polyak averaging; the decay grows from 0.1 so the average starts near the weights
+                with torch.no_grad():
+                    torch._foreach_lerp_(averages, params, 1 - min(cfg.ema, (1 + run.steps) / (10 + run.steps)))
             run.steps += 1
             for k, v in zip([n_parts - 1] if phase in END_TO_END else learning, values):
                 loss_sums[k], loss_counts[k] = loss_sums[k] + v, loss_counts[k] + 1
@@ -681,9 +689,10 @@ def train(run, data, log=print, shard=slice(None)):
                 run.step_seconds.setdefault(tuple(learning), []).append(time.perf_counter() - t_step)
         sync(device)
         run.seconds += time.perf_counter() - t_epoch
-        test_bpd, part_bpd = evaluate(model, test_images, cfg.batch_size, device)
+        test_bpd, part_bpd = evaluate(run.ema or model, test_images, cfg.batch_size, device)
+        raw_bpd = evaluate(model, test_images, cfg.batch_size, device)[0] if run.ema else None
         train_parts = [s / c if c else None for s, c in zip(loss_sums, loss_counts)]
-        finish_epoch(run, epoch, phase, train_parts, test_bpd, part_bpd, log)
+        finish_epoch(run, epoch, phase, train_parts, test_bpd, part_bpd, log, raw_bpd)
     return run
 
 @torch.no_grad()
@@ -714,8 +723,10 @@ def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-def finish_epoch(run, epoch, phase, train_parts, test_bpd, part_bpd, log):
-    """Record and print the epoch's metrics; write samples, checkpoint and metrics.jsonl."""
+def finish_epoch(run, epoch, phase, train_parts, test_bpd, part_bpd, log, raw_bpd=None):
+    """Record and print the epoch's metrics; write samples, checkpoint and metrics.jsonl.
+
+    With --ema, test_bpd and part_bpd are the averaged weights' and raw_bpd the raw weights'."""
     if not math.isfinite(test_bpd):
         k = next(k for k, v in enumerate(part_bpd) if not math.isfinite(v))
         raise NonFiniteLoss(f"non-finite test bits/dim in part {k + 1} of {len(part_bpd)} at epoch {epoch} "
@@ -726,16 +737,20 @@ def finish_epoch(run, epoch, phase, train_parts, test_bpd, part_bpd, log):
                "test_bpd": test_bpd, "part_losses": part_bpd,
                "train_part_losses": None if phase in END_TO_END else train_parts,
                "seconds": run.seconds, "steps": run.steps}
+    if raw_bpd is not None:
+        metrics["raw_test_bpd"] = raw_bpd
     run.history.append(metrics)
     train_txt = f"{train_parts[-1]:.3f}" if train_parts[-1] is not None else "  -  "
     log(f"epoch {epoch:3d} | {phase:10s} | train {train_txt} | test {test_bpd:.3f} | parts "
-        + " ".join(f"{v:.3f}" for v in part_bpd) + f" | {run.seconds:7.1f} s")
+        + " ".join(f"{v:.3f}" for v in part_bpd) + f" | {run.seconds:7.1f} s"
+        + (f" | raw weights {raw_bpd:.3f}" if raw_bpd is not None else ""))
     out = run.cfg.out
     if out:
         from torchvision.utils import save_image
         os.makedirs(out, exist_ok=True)
-        samples = postprocess(run.model.sample(64, temperature=0.7)).float().cpu()
-        save_image(samples, os.path.join(out, f"samples_{epoch:03d}.png"), nrow=8)
+        samples = postprocess((run.ema or run.model).sample(64, temperature=0.7)).float().cpu()
+        samples = F.interpolate(samples, scale_factor=max(1, 64 // samples.shape[-1]))  # big enough to see
+        save_image(samples, os.path.join(out, f"samples_{epoch:03d}.png"), nrow=8, padding=4)
         save_checkpoint(run, os.path.join(out, "checkpoint.pt"))
 
         def write_metrics(path):  # after the checkpoint: it never holds an epoch a resume would redo
@@ -778,7 +793,7 @@ def save_checkpoint(run, path):
     state = {"config": asdict(run.cfg), "model": run.model.state_dict(),
              "optimizers": [o.state_dict() for o in run.optimizers], "updates": run.updates,
              "epoch": run.epoch, "seconds": run.seconds, "steps": run.steps, "history": run.history,
-             "rng": rng}
+             "rng": rng, "ema": run.ema.state_dict() if run.ema else None}
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 def load_checkpoint(path):
@@ -790,7 +805,7 @@ def load_checkpoint(path):
     except Exception as e:
         raise UsageError(f"--resume: checkpoint {path} is corrupt or unreadable ({type(e).__name__})") \
             from None
-    keys = ("config", "model", "optimizers", "updates", "epoch", "seconds", "steps", "history", "rng")
+    keys = ("config", "model", "optimizers", "updates", "epoch", "seconds", "steps", "history", "rng", "ema")
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UsageError(f"--resume: checkpoint {path} lacks {', '.join(missing)}")
@@ -854,6 +869,10 @@ def start_run(cfg, data=None, init_state=None, ckpt=None):
         torch.manual_seed(cfg.seed)  # every mechanism sees the same dequantization noise
         if cfg.warmup is None:
             run.cfg = replace(cfg, warmup=default_warmup(cfg, len(train_images) // cfg.batch_size))
+    if cfg.ema:
+        run.ema = copy.deepcopy(model)
+        if ckpt:
+            run.ema.load_state_dict(ckpt["ema"])
     return run, (train_images, test_images)
 
 def weights_hash(model):
@@ -946,16 +965,101 @@ def compare(cfg, modes=("full", "alternate"), log=print):
                      "train_seconds": run.history[-1]["seconds"],
                      "step_seconds": statistics.fmean(per_learner),
                      **costs[mode], "start_hash": start_hash, "curve": run.history})
-    target = next((r["final_test_bpd"] for r in runs if r["mode"] == "full"), None)
+    full = next(r["curve"] for r in runs if r["mode"] == "full")
+    target, what = smoothed_final(full, cfg.ema)
     for r in runs:
-        hit = [m["seconds"] for m in r["curve"] if target is not None and m["test_bpd"] <= target]
-        r["time_to_target"] = hit[0] if hit else None
-    summary = {"config": asdict(cfg), "target_bpd": target, "runs": runs}
+        r["time_to_target"] = next((m["seconds"] for m in r["curve"] if m["test_bpd"] <= target), None)
+        r["full_bpd_at_equal_time"] = bpd_at(full, r["train_seconds"])
+    summary = {"config": asdict(cfg), "target_bpd": target, "target": what, "runs": runs}
     with open(os.path.join(cfg.out, "compare.json"), "w") as f:
         json.dump(summary, f, indent=1)
     plot_compare(summary, os.path.join(cfg.out, "compare.png"))
     log(summary_table(summary))
     return summary
+
+def smoothed_final(curve, ema):
+    """A run's final test bits/dim as a target that one lucky or unlucky evaluation cannot move much:
+    its averaged weights' (--ema), else the mean of its last three evaluations."""
+    if ema:
+        return curve[-1]["test_bpd"], "full's final bits/dim with averaged weights (--ema)"
+    return statistics.fmean(m["test_bpd"] for m in curve[-3:]), "the mean of full's last 3 evaluations"
+
+def bpd_at(curve, seconds):
+    """The test bits/dim a run had reached after `seconds` of training (its last evaluation by then)."""
+    return next((m["test_bpd"] for m in reversed(curve) if m["seconds"] <= seconds * (1 + 1e-9)), None)
+
+def sweep(cfg, budgets, log=print):
+    """The poster's question at several budgets N (epochs): alternate 2N/3 + finetune N/3 against full N.
+
+    Full trains once, for the largest budget: with a fixed warmup and a constant rate, its first N
+    epochs are the full run of budget N. Alternate trains once, to 2/3 of the largest budget; at each
+    2N/3 a copy of it branches off and finetunes for N/3 epochs. Each finetuning epoch M is also set
+    against full training from scratch after M epochs (a head start?) and against full training at
+    the same wall time. Writes sweep.json and sweep.png into cfg.out."""
+    shared, data = start_run(replace(cfg, out=None))  # the start every run shares
+    init_state = copy.deepcopy(shared.model.state_dict())
+    cfg = replace(cfg, warmup=cfg.warmup or default_warmup(replace(cfg, epochs=budgets[-1], finetune=0),
+                                                           len(data[0]) // cfg.batch_size))
+    full, _ = start_run(replace(cfg, mode="full", epochs=budgets[-1], finetune=0,
+                                out=os.path.join(cfg.out, "full")), data, init_state)
+    log("--- full")
+    train(full, data, log)
+    trunk, _ = start_run(replace(cfg, mode="alternate", epochs=0, finetune=0,
+                                 out=os.path.join(cfg.out, "alternate")), data, init_state)
+    results = []
+    for N in budgets:
+        log(f"--- alternate to epoch {2 * N // 3}, then finetuning for {N // 3}")
+        trunk.cfg = replace(trunk.cfg, epochs=2 * N // 3)
+        train(trunk, data, log)
+        branch = copy.deepcopy(trunk)
+        branch.cfg = replace(trunk.cfg, finetune=N // 3, out=os.path.join(cfg.out, f"finetune-{N}"))
+        with torch.random.fork_rng(devices=[cfg.device] if cfg.device.startswith("cuda") else []):
+            train(branch, data, log)  # the trunk goes on as if the branch had never run
+        tuned = branch.history[2 * N // 3:]
+        results.append({
+            "budget": N, "full_bpd": full.history[N - 1]["test_bpd"], "full_seconds": full.history[N - 1]["seconds"],
+            "alternate_finetune_bpd": tuned[-1]["test_bpd"], "alternate_finetune_seconds": tuned[-1]["seconds"],
+            "alternate_bpd": trunk.history[-1]["test_bpd"],
+            "head_start": [{"finetune_epochs": M + 1, "seconds": m["seconds"], "bpd": m["test_bpd"],
+                            "full_after_same_epochs": full.history[M]["test_bpd"],
+                            "full_at_same_seconds": bpd_at(full.history, m["seconds"])}
+                           for M, m in enumerate(tuned)]})
+        r = results[-1]
+        r["gap"] = r["alternate_finetune_bpd"] - r["full_bpd"]
+        r["time_ratio"] = r["alternate_finetune_seconds"] / r["full_seconds"]
+        log(f"budget {N}: full {r['full_bpd']:.3f}, alternate+finetune {r['alternate_finetune_bpd']:.3f} "
+            f"(gap {r['gap']:+.3f}) in {r['time_ratio']:.2f} of full's time")
+    summary = {"config": asdict(cfg), "budgets": results, "full_curve": full.history,
+               "alternate_curve": trunk.history}
+    with open(os.path.join(cfg.out, "sweep.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    plot_sweep(summary, os.path.join(cfg.out, "sweep.png"))
+    return summary
+
+def plot_sweep(summary, path):
+    """The gap and the wall-time ratio against the budget, and every curve against training time."""
+    from matplotlib.figure import Figure
+    budgets = summary["budgets"]
+    fig = Figure(figsize=(15, 4))
+    gap, ratio, curves = fig.subplots(1, 3)
+    N = [b["budget"] for b in budgets]
+    gap.plot(N, [b["gap"] for b in budgets], marker="o")
+    gap.axhline(0, color="grey", linewidth=0.8)
+    gap.set(xlabel="budget N (epochs)", ylabel="test bits/dim: alternate+finetune - full",
+            title="the gap (alternate 2N/3 + finetune N/3 vs full N)")
+    ratio.plot(N, [b["time_ratio"] for b in budgets], marker="o")
+    ratio.axhline(0.7, color="grey", linewidth=0.8, linestyle=":")
+    ratio.set(xlabel="budget N (epochs)", ylabel="training time / full's", title="the time (0.7 = a 30 % saving)")
+    for name, style in (("full", "k-"), ("alternate", "k:")):
+        curve = summary[f"{name}_curve"]
+        curves.plot([m["seconds"] for m in curve], [m["test_bpd"] for m in curve], style, label=name)
+    for b in budgets:
+        h = b["head_start"]
+        curves.plot([m["seconds"] for m in h], [m["bpd"] for m in h], marker=".", label=f"finetuning, N = {b['budget']}")
+    curves.set(xlabel="training seconds", ylabel="test bits/dim", title="finetuning from alternate vs full, in time")
+    curves.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 def benchmark(cfg, modes, repeats=5, log=print):
     """Median step time, activation memory and boundary bytes of each mechanism at the configured
@@ -996,12 +1100,13 @@ def benchmark(cfg, modes, repeats=5, log=print):
 def summary_table(summary):
     """The comparison as a Markdown table (ratios relative to the full run)."""
     full = next((r for r in summary["runs"] if r["mode"] == "full"), summary["runs"][0])
-    rows = ["| run | final test bpd | train s | time / full | time to full's bpd (s) | step ms | step / full "
-            "| activations MB | boundary grad KB |", "|---" * 9 + "|"]
+    rows = ["| run | final test bpd | train s | time / full | time to full's bpd (s) | full's bpd at equal time "
+            "| step ms | step / full | activations MB | boundary grad KB |", "|---" * 10 + "|"]
     for r in summary["runs"]:
         ttt = f"{r['time_to_target']:.0f}" if r["time_to_target"] is not None else "never"
+        same_time = f"{r['full_bpd_at_equal_time']:.3f}" if r["full_bpd_at_equal_time"] is not None else "-"
         rows.append(f"| {r['name']} | {r['final_test_bpd']:.3f} | {r['train_seconds']:.0f} | "
-                    f"{r['train_seconds'] / full['train_seconds']:.2f} | {ttt} | "
+                    f"{r['train_seconds'] / full['train_seconds']:.2f} | {ttt} | {same_time} | "
                     f"{1e3 * r['step_seconds']:.1f} | {r['step_seconds'] / full['step_seconds']:.2f} | "
                     f"{r['activation_bytes'] / 2 ** 20:.1f} | "
                     f"{r['boundary_backward_bytes'] / 2 ** 10:.0f} |")
@@ -1080,12 +1185,14 @@ def torchrun_env():
 
 def check_torchrun(cfg, args, world):
     """Flag combinations that cannot run on `world` processes: UsageError."""
-    if args.compare or args.benchmark:
-        raise UsageError("--compare and --benchmark time mechanisms in one process; "
+    if args.compare or args.benchmark or args.sweep:
+        raise UsageError("--compare, --sweep and --benchmark time mechanisms in one process; "
                          "run them without torchrun")
     if cfg.mode == "parallel" and world != len(cfg.parts):
         raise UsageError(f"the pipeline runs one part per process: {len(cfg.parts)} parts but "
                          f"{world} processes; use --nproc_per_node {len(cfg.parts)}")
+    if cfg.mode == "parallel" and cfg.ema:
+        raise UsageError("the pipeline keeps no moving average of the weights: run --ema without torchrun")
     if cfg.mode == "parallel" and cfg.finetune:
         raise UsageError("the pipeline never sends gradients back, so it cannot finetune end to end; "
                          "resume its checkpoint without torchrun with --mode parallel --finetune N")
@@ -1222,6 +1329,12 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage too)
         raise UsageError(message)
 
+def parse_budgets(text):
+    budgets = sorted(number(3)(v) for v in text.split(","))
+    if any(N % 3 for N in budgets):
+        raise argparse.ArgumentTypeError(f"budgets must be multiples of 3 (alternate 2N/3 + finetune N/3), got {text}")
+    return budgets
+
 def parse_modes(text):
     modes = text.split(",")
     if any(m not in MODES for m in modes) or "full" not in modes:
@@ -1240,6 +1353,9 @@ def make_parser():
     g.add_argument("--compare", action="store_true",
                    help="train the mechanisms side by side from the same start into --out; "
                         "write compare.json/png")
+    g.add_argument("--sweep", type=parse_budgets, metavar="N,N,...",
+                   help="the budget sweep into --out: full N epochs against alternate 2N/3 + finetune N/3, "
+                        "for each budget N (multiples of 3); writes sweep.json/png")
     g.add_argument("--benchmark", action="store_true",
                    help="time one step of each --compare-modes mechanism at this model size on random images")
     p.add_argument("--compare-modes", type=parse_modes, default="full,alternate",
@@ -1282,7 +1398,8 @@ def config_from_args(args, log=print):
     ckpt = None
     try:
         cfg = Config(**given)
-        cfg.out = cfg.out or os.path.join("runs", f"{cfg.dataset}-{'compare' if args.compare else cfg.mode}")
+        what = "compare" if args.compare else "sweep" if args.sweep else cfg.mode
+        cfg.out = cfg.out or os.path.join("runs", f"{cfg.dataset}-{what}")
         if args.resume:
             ckpt = load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))
             cfg = resume_config(Config(**ckpt["config"]), {**given, "out": cfg.out}, ckpt["epoch"], log)
@@ -1305,7 +1422,7 @@ def config_from_args(args, log=print):
         raise UsageError(f"--device {cfg.device}: not usable here ({str(e).splitlines()[0]})") from None
     if args.benchmark:
         return cfg, None
-    if cfg.epochs + cfg.finetune == 0 or (args.compare and cfg.epochs == 0):
+    if not args.sweep and (cfg.epochs + cfg.finetune == 0 or (args.compare and cfg.epochs == 0)):
         raise UsageError("nothing to train: give --epochs (and --finetune)" if not args.compare else
                          "--compare times each mechanism's own epochs: give --epochs >= 1")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
@@ -1313,9 +1430,9 @@ def config_from_args(args, log=print):
     if not args.resume and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
         raise UsageError(f"--out {cfg.out} already holds a run: pass --resume to continue it, "
                          f"or choose another --out")
-    held = [f for f in ["compare.json"] + [f"{m}/checkpoint.pt" for m in MODES]
-            if os.path.exists(os.path.join(cfg.out, f))]
-    if args.compare and held:
+    held = [f for f in os.listdir(cfg.out) if f in ("compare.json", "sweep.json")
+            or os.path.exists(os.path.join(cfg.out, f, "checkpoint.pt"))] if os.path.isdir(cfg.out) else []
+    if (args.compare or args.sweep) and held:
         raise UsageError(f"--out {cfg.out} already holds a comparison ({held[0]}); choose another --out")
     return cfg, ckpt
 
@@ -1368,6 +1485,8 @@ def main(argv=None):
             benchmark(cfg, args.compare_modes)
         elif args.compare:
             compare(cfg, args.compare_modes)
+        elif args.sweep:
+            sweep(cfg, args.sweep)
         else:
             train(*start_run(cfg, ckpt=ckpt), log)
     except UsageError as e:  # every process finds the same ones; process 0 reports them
@@ -1385,7 +1504,7 @@ def main(argv=None):
             kept = "nothing was written"
         else:
             kept = checkpoint_note(cfg.out)
-            if args.compare:
+            if args.compare or args.sweep:
                 kept = f"each run's last checkpoint is kept under {cfg.out}"
         print(f"glow_parts.py: interrupted ({how}); {kept}", file=sys.stderr)
         return 143 if isinstance(e, Interrupted) else 130
