@@ -58,6 +58,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # Invertible layers. One contract: forward(x) -> (y, logdet of shape (B,)), reverse(y) -> x.
@@ -289,6 +290,7 @@ class Part(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.prior = prior  # p_k(h_k) of the truncated flow; the model's top prior for the last part
+        self.recompute = False  # memory-saving gradients (--recompute)
 
     def forward(self, h):
         """h_{k-1} -> (h_k, split-off latents, sum of log-dets (B,), sum of log p(z | .) (B,))."""
@@ -298,6 +300,10 @@ class Part(nn.Module):
                 h, z, lp = layer(h)
                 zs.append(z)
                 logp = logp + lp
+            elif self.recompute and isinstance(layer, FlowStep) and torch.is_grad_enabled():
+                # keep only the step's input; backward runs the step again to get what it needs
+                h, ld = torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=False)
+                logdet = logdet + ld
             else:
                 h, ld = layer(h)
                 logdet = logdet + ld
@@ -574,6 +580,11 @@ class Config:
     warmup: int | None = setting(None, "linear warmup, in each part's own updates; None: a tenth of each "
                                  "part's updates in the run, at most 500", type=number(1))
     alternate_every: int = setting(1, "steps per turn in alternate mode", type=number(1))
+    compile: bool | None = setting(None, "torch.compile every part (--no-compile: never); None: on a GPU, "
+                                   "where it pays at once, not on a CPU, where it takes minutes",
+                                   action=argparse.BooleanOptionalAction)
+    recompute: bool = setting(False, "memory-saving gradients: save only each flow step's input and run "
+                              "the step again in backward (torch.utils.checkpoint)", action="store_true")
     ema: float | None = setting(None, "Polyak averaging (the Glow paper's): the decay of a moving average of "
                                 "the weights, which then evaluates, samples and is checkpointed beside them; "
                                 "None: off", type=number(0.0, 1.0, float))
@@ -587,6 +598,7 @@ class Config:
         self.image_size = self.image_size or native
         self.n_bits = self.n_bits or (4 if self.dataset == "digits" else 8)
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.compile = self.device.startswith("cuda") if self.compile is None else self.compile
         if self.parts is None:
             self.parts = default_parts(self.levels, self.steps)
         elif isinstance(self.parts, str):  # auto:P
@@ -680,7 +692,8 @@ def train(run, data, log=print, shard=slice(None)):
                 run.updates[k] += 1
             if run.ema:  # Polyak averaging; the decay grows from 0.1 so the average starts near the weights
                 with torch.no_grad():
-                    torch._foreach_lerp_(averages, params, 1 - min(cfg.ema, (1 + run.steps) / (10 + run.steps)))
+                    decay = min(cfg.ema, (1 + run.steps) / (10 + run.steps))
+                    torch._foreach_lerp_(averages, params, 1 - decay)
             run.steps += 1
             for k, v in zip([n_parts - 1] if phase in END_TO_END else learning, values):
                 loss_sums[k], loss_counts[k] = loss_sums[k] + v, loss_counts[k] + 1
@@ -765,7 +778,12 @@ def build_model(cfg):
     model = Glow(in_channels=NATIVE[cfg.dataset][0], image_size=cfg.image_size, n_levels=cfg.levels,
                  n_steps=cfg.steps, hidden=cfg.hidden, parts=cfg.parts, n_bits=cfg.n_bits,
                  part_prior=cfg.part_prior)
-    return model.to(cfg.device, memory_format=torch.channels_last)
+    model = model.to(cfg.device, memory_format=torch.channels_last)
+    for part in model.parts:
+        part.recompute = cfg.recompute
+        if cfg.compile:  # each part is one compiled graph (two: with and without grad); reverse stays eager
+            part.compile()
+    return model
 
 def prepare_data(cfg):
     """(train, test) uint8 images of the dataset named in cfg, subset and resized."""
@@ -895,7 +913,8 @@ def mechanism_steps(mode, n_parts):
 def measure_step(model, x, mode, learning):
     """What one step holds and sends: (activation bytes, boundary backward bytes, CUDA peak bytes).
 
-    activation bytes: storage of the tensors autograd saves for backward (parameters excluded).
+    activation bytes: storage of the tensors autograd saves for backward (parameters excluded; with
+    --recompute, the steps' inputs that torch.utils.checkpoint keeps instead).
     boundary bytes: gradient that flows backwards into a part's input from the part after it,
     counted by a hook on each part's input that fires only if a gradient really arrives there."""
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -914,7 +933,13 @@ def measure_step(model, x, mode, learning):
         if args[0].requires_grad:
             args[0].register_hook(count)
 
+    def keep_input(module, args):  # a recomputed step keeps only its input, outside autograd's hooks
+        if torch.is_grad_enabled():
+            pack(args[0])
+
     hooks = [part.register_forward_pre_hook(watch_input) for part in model.parts[1:]]
+    hooks += [step.register_forward_pre_hook(keep_input) for part in model.parts if part.recompute
+              for step in part.layers if isinstance(step, FlowStep)]
     cuda = x.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(x.device)
@@ -1006,7 +1031,7 @@ def sweep(cfg, budgets, log=print):
     train(full, data, log)
     trunk, _ = start_run(replace(cfg, mode="alternate", epochs=0, finetune=0,
                                  out=os.path.join(cfg.out, "alternate")), data, init_state)
-    results = []
+    branches = {}
     for N in budgets:
         log(f"--- alternate to epoch {2 * N // 3}, then finetuning for {N // 3}")
         trunk.cfg = replace(trunk.cfg, epochs=2 * N // 3)
@@ -1015,26 +1040,54 @@ def sweep(cfg, budgets, log=print):
         branch.cfg = replace(trunk.cfg, finetune=N // 3, out=os.path.join(cfg.out, f"finetune-{N}"))
         with torch.random.fork_rng(devices=[cfg.device] if cfg.device.startswith("cuda") else []):
             train(branch, data, log)  # the trunk goes on as if the branch had never run
-        tuned = branch.history[2 * N // 3:]
-        results.append({
-            "budget": N, "full_bpd": full.history[N - 1]["test_bpd"], "full_seconds": full.history[N - 1]["seconds"],
-            "alternate_finetune_bpd": tuned[-1]["test_bpd"], "alternate_finetune_seconds": tuned[-1]["seconds"],
-            "alternate_bpd": trunk.history[-1]["test_bpd"],
-            "head_start": [{"finetune_epochs": M + 1, "seconds": m["seconds"], "bpd": m["test_bpd"],
-                            "full_after_same_epochs": full.history[M]["test_bpd"],
-                            "full_at_same_seconds": bpd_at(full.history, m["seconds"])}
-                           for M, m in enumerate(tuned)]})
-        r = results[-1]
-        r["gap"] = r["alternate_finetune_bpd"] - r["full_bpd"]
-        r["time_ratio"] = r["alternate_finetune_seconds"] / r["full_seconds"]
-        log(f"budget {N}: full {r['full_bpd']:.3f}, alternate+finetune {r['alternate_finetune_bpd']:.3f} "
-            f"(gap {r['gap']:+.3f}) in {r['time_ratio']:.2f} of full's time")
-    summary = {"config": asdict(cfg), "budgets": results, "full_curve": full.history,
-               "alternate_curve": trunk.history}
+        branches[N] = branch.history
+    summary = sweep_summary(cfg, full.history, trunk.history, branches)
     with open(os.path.join(cfg.out, "sweep.json"), "w") as f:
         json.dump(summary, f, indent=1)
     plot_sweep(summary, os.path.join(cfg.out, "sweep.png"))
+    log(sweep_table(summary))
     return summary
+
+def sweep_summary(cfg, full, alternate, branches):
+    """The sweep's record from its curves: full's, alternate's and each budget's finetuning branch."""
+    results = []
+    for N, branch in branches.items():
+        tuned, end = branch[2 * N // 3:], full[N - 1]
+        r = {"budget": N, "full_bpd": end["test_bpd"], "full_seconds": end["seconds"],
+             "alternate_finetune_bpd": tuned[-1]["test_bpd"],
+             "alternate_finetune_seconds": tuned[-1]["seconds"],
+             "alternate_bpd": branch[2 * N // 3 - 1]["test_bpd"],
+             "head_start": [{"finetune_epochs": M + 1, "seconds": m["seconds"], "bpd": m["test_bpd"],
+                             "full_after_same_epochs": full[M]["test_bpd"],
+                             "full_at_same_seconds": bpd_at(full, m["seconds"])}
+                            for M, m in enumerate(tuned)],
+             "curve": branch}
+        r["gap"] = r["alternate_finetune_bpd"] - r["full_bpd"]
+        r["time_ratio"] = r["alternate_finetune_seconds"] / r["full_seconds"]
+        if "raw_test_bpd" in end:  # with --ema, the raw weights' too
+            r["gap_raw_weights"] = tuned[-1]["raw_test_bpd"] - end["raw_test_bpd"]
+        results.append(r)
+    return {"config": asdict(cfg), "budgets": results, "full_curve": full, "alternate_curve": alternate}
+
+def sweep_table(summary):
+    """The sweep as a Markdown table: per budget the gap, the time, and where finetuning from the
+    alternate weights overtakes full training after as many epochs, and at equal training time."""
+    raw = "gap_raw_weights" in summary["budgets"][0]
+    rows = ["| budget N | full, N epochs | alternate 2N/3 + finetune N/3 | gap |"
+            + (" gap, raw weights |" * raw)
+            + " time / full | full at equal time | finetuning ahead of full's first M epochs from M = "
+            "| ahead of full at equal time from M = |", "|---" * (8 + raw) + "|"]
+    for b in summary["budgets"]:
+        h = b["head_start"]
+        ahead = next((m["finetune_epochs"] for m in h if m["bpd"] < m["full_after_same_epochs"]), "never")
+        pays = next((m["finetune_epochs"] for m in h if m["full_at_same_seconds"] is not None
+                     and m["bpd"] < m["full_at_same_seconds"]), "never")
+        rows.append(f"| {b['budget']} | {b['full_bpd']:.3f} | {b['alternate_finetune_bpd']:.3f} "
+                    f"| {b['gap']:+.3f} |"
+                    + (f" {b['gap_raw_weights']:+.3f} |" if raw else "")
+                    + f" {b['time_ratio']:.2f} | {bpd_at(summary['full_curve'], h[-1]['seconds']):.3f} "
+                      f"| {ahead} | {pays} |")
+    return "\n".join(rows)
 
 def plot_sweep(summary, path):
     """The gap and the wall-time ratio against the budget, and every curve against training time."""
@@ -1049,14 +1102,17 @@ def plot_sweep(summary, path):
             title="the gap (alternate 2N/3 + finetune N/3 vs full N)")
     ratio.plot(N, [b["time_ratio"] for b in budgets], marker="o")
     ratio.axhline(0.7, color="grey", linewidth=0.8, linestyle=":")
-    ratio.set(xlabel="budget N (epochs)", ylabel="training time / full's", title="the time (0.7 = a 30 % saving)")
+    ratio.set(xlabel="budget N (epochs)", ylabel="training time / full's",
+              title="the time (0.7 = a 30 % saving)")
     for name, style in (("full", "k-"), ("alternate", "k:")):
         curve = summary[f"{name}_curve"]
         curves.plot([m["seconds"] for m in curve], [m["test_bpd"] for m in curve], style, label=name)
     for b in budgets:
         h = b["head_start"]
-        curves.plot([m["seconds"] for m in h], [m["bpd"] for m in h], marker=".", label=f"finetuning, N = {b['budget']}")
-    curves.set(xlabel="training seconds", ylabel="test bits/dim", title="finetuning from alternate vs full, in time")
+        curves.plot([m["seconds"] for m in h], [m["bpd"] for m in h], marker=".",
+                    label=f"finetuning, N = {b['budget']}")
+    curves.set(xlabel="training seconds", ylabel="test bits/dim",
+               title="finetuning from alternate vs full, in time")
     curves.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -1100,8 +1156,9 @@ def benchmark(cfg, modes, repeats=5, log=print):
 def summary_table(summary):
     """The comparison as a Markdown table (ratios relative to the full run)."""
     full = next((r for r in summary["runs"] if r["mode"] == "full"), summary["runs"][0])
-    rows = ["| run | final test bpd | train s | time / full | time to full's bpd (s) | full's bpd at equal time "
-            "| step ms | step / full | activations MB | boundary grad KB |", "|---" * 10 + "|"]
+    rows = ["| run | final test bpd | train s | time / full | time to full's bpd (s) "
+            "| full's bpd at equal time | step ms | step / full | activations MB | boundary grad KB |",
+            "|---" * 10 + "|"]
     for r in summary["runs"]:
         ttt = f"{r['time_to_target']:.0f}" if r["time_to_target"] is not None else "never"
         same_time = f"{r['full_bpd_at_equal_time']:.3f}" if r["full_bpd_at_equal_time"] is not None else "-"
@@ -1332,7 +1389,8 @@ class Parser(argparse.ArgumentParser):
 def parse_budgets(text):
     budgets = sorted(number(3)(v) for v in text.split(","))
     if any(N % 3 for N in budgets):
-        raise argparse.ArgumentTypeError(f"budgets must be multiples of 3 (alternate 2N/3 + finetune N/3), got {text}")
+        raise argparse.ArgumentTypeError(f"budgets must be multiples of 3 (alternate 2N/3 + finetune N/3), "
+                                         f"got {text}")
     return budgets
 
 def parse_modes(text):
@@ -1362,7 +1420,8 @@ def make_parser():
                    help="mechanisms --compare (or --benchmark) runs (default: full,alternate)")
     return p
 
-RESUMABLE = ("epochs", "finetune", "lr", "part_lr", "warmup", "data_dir", "device", "num_workers", "out")
+RESUMABLE = ("epochs", "finetune", "lr", "part_lr", "warmup", "data_dir", "device", "num_workers", "out",
+             "compile", "recompute")
 
 def flags(names):
     return ", ".join("--" + name.replace("_", "-") for name in names)
