@@ -33,7 +33,8 @@ The truncated objective
   while end to end only the last part's output must. Finetuning end to end repairs the difference.
 
 What differs from the paper (and the official code)
-  - Adam with linear warmup and a constant rate; no Polyak averaging, no class conditioning.
+  - Adam with linear warmup and a constant rate; Polyak averaging only with --ema; no class
+    conditioning.
   - Zero-padded convolutions (the official code adds an "edge" channel instead).
   - The learned top prior is a free mean / log-std per latent position (the official code runs a
     zero-initialised conv over a constant; same family at init, fewer weights).
@@ -779,10 +780,12 @@ def build_model(cfg):
                  n_steps=cfg.steps, hidden=cfg.hidden, parts=cfg.parts, n_bits=cfg.n_bits,
                  part_prior=cfg.part_prior)
     model = model.to(cfg.device, memory_format=torch.channels_last)
+    if cfg.compile:  # a graph per part, grad mode and batch size, all sharing Part.forward's code
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(model.parts))
     for part in model.parts:
         part.recompute = cfg.recompute
-        if cfg.compile:  # each part is one compiled graph (two: with and without grad); reverse stays eager
-            part.compile()
+        if cfg.compile:  # static shapes: each part sees its own; reverse and sample stay eager
+            part.compile(dynamic=False)
     return model
 
 def prepare_data(cfg):
