@@ -419,13 +419,19 @@ def write_idx_labels(path, n):
         f.write(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + bytes(n))
 
 
-def test_fashion_mnist_loads_idx_files_and_resizes(tmp_path):
-    raw = tmp_path / "FashionMNIST" / "raw"
+def write_fashion_mnist(root):
+    """A tiny Fashion-MNIST in torchvision's on-disk format: 12 training and 6 test images."""
+    raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for split, n in (("train", 12), ("t10k", 6)):
         write_idx_images(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
         write_idx_labels(raw / f"{split}-labels-idx1-ubyte", n)
+    return raw
+
+
+def test_fashion_mnist_loads_idx_files_and_resizes(tmp_path):
+    write_fashion_mnist(tmp_path)
     cfg = tiny_cfg(dataset="fashion-mnist", data_dir=str(tmp_path), image_size=16, subset=10, levels=2)
     train, test = gp.prepare_data(cfg)
     assert train.shape == (10, 1, 16, 16) and test.shape == (6, 1, 16, 16) and train.dtype == torch.uint8
@@ -500,12 +506,7 @@ def test_missing_data_offline_says_where_to_put_files_and_leaves_no_data_dir(tmp
 
 def test_a_corrupt_idx_file_is_named(tmp_path, capsys, monkeypatch):
     offline(monkeypatch)
-    raw = tmp_path / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("t10k", 6)):
-        write_idx_images(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        write_idx_labels(raw / f"{split}-labels-idx1-ubyte", n)
+    raw = write_fashion_mnist(tmp_path)
     (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x07" + bytes(100))  # a wrong magic number
     code = gp.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--image-size", "16", "--levels", "2",
                     "--steps", "2", "--epochs", "1", "--out", str(tmp_path / "run")])
