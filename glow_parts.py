@@ -1308,7 +1308,8 @@ def train_pipeline(cfg, ckpt, rank, world, log):
     cfg, model, device = run.cfg, run.model, torch.device(run.cfg.device)
     optimizer, lr = run.optimizers[rank], (cfg.part_lr or [cfg.lr] * world)[rank]
     B, steps_per_epoch = cfg.batch_size, len(train_images) // cfg.batch_size
-    traffic = torch.zeros(2, dtype=torch.float64, device=device)  # bytes sent [forward, backward]
+    # bytes [sent forward, sent backward, received from before, received from after], at every transfer
+    traffic = torch.zeros(4, dtype=torch.float64, device=device)
     pending = []  # the sends in flight: their buffers stay alive until they are received
 
     def send(carry=None, peer=rank + 1):
@@ -1328,8 +1329,9 @@ def train_pipeline(cfg, ckpt, rank, world, log):
             return x, torch.zeros(B, device=device)
         h = torch.empty(B, *model.parts[rank - 1].prior.mean.shape[1:], device=device)
         const = torch.empty(B, device=device)
-        dist.recv(h, rank - 1)
-        dist.recv(const, rank - 1)
+        for t, peer in ((h, rank - 1), (const, rank - 1)):
+            dist.recv(t, peer)
+            traffic[2 if peer < rank else 3] += t.numel() * t.element_size()
         return h.contiguous(memory_format=torch.channels_last), const
 
     model.train()
@@ -1378,7 +1380,8 @@ def train_pipeline(cfg, ckpt, rank, world, log):
             test_bpd, part_bpd = evaluate(model, test_images, B, device)
             finish_epoch(run, epoch, cfg.mode, (loss_sum / steps_per_epoch).tolist(), test_bpd, part_bpd, log)
             log(f"          pipeline: {int(traffic[0]):,} bytes sent forward between parts this epoch, "
-                f"{int(traffic[1])} backward")
+                f"{int(traffic[1])} backward; received {int(traffic[2]):,} from earlier parts, "
+                f"{int(traffic[3])} from later ones")
         dist.barrier()
     return run
 
