@@ -385,7 +385,10 @@ class Glow(nn.Module):
 
     def log_prob(self, x):
         """log p(x) of the whole flow in nats, (B,), end to end: gradients reach every part."""
-        h, _, logdet, logp = self.run_parts(x, 0, len(self.parts))
+        h, logdet, logp = x, x.new_zeros(x.shape[0]), x.new_zeros(x.shape[0])
+        for part in self.parts:
+            h, _, ld, lp = part(h)
+            logdet, logp = logdet + ld, logp + lp
         return logdet + logp + self.parts[-1].prior.log_prob(h)
 
     def truncated(self, x, parts=None, carry=None):
