@@ -843,7 +843,10 @@ def checkpoint_note(out):
     path = os.path.join(out or "", "checkpoint.pt")
     if not out or not os.path.isfile(path):
         return "no checkpoint was written"
-    epoch = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["epoch"]
+    try:
+        epoch = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["epoch"]
+    except Exception:  # this is an error path already: say what is there, raise nothing new
+        return f"{path} is kept, but it cannot be read"
     return f"the checkpoint of epoch {epoch} in {out} is kept"
 
 def default_warmup(cfg, steps_per_epoch):
