@@ -483,10 +483,11 @@ def load_images(name, data_dir="./data", download=True):
                                   "dataset-fashion-mnist package has them gzipped)"}[name]
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raw = os.path.join(data_dir, cls.__name__, "raw")  # MNIST's idx files start with a magic number
-        for f, magic in [(f"{s}-{k}-idx{d}-ubyte", 2048 + d) for s in ("train", "t10k")
-                         for k, d in (("images", 3), ("labels", 1))]:
+        idx_files = [(f"{s}-{k}-idx{d}-ubyte", 2048 + d) for s in ("train", "t10k")
+                     for k, d in (("images", 3), ("labels", 1))] if name != "cifar10" else []
+        for f, magic in idx_files:
             path = os.path.join(raw, f)
-            if name != "cifar10" and os.path.isfile(path):
+            if os.path.isfile(path):
                 with open(path, "rb") as fh:
                     if int.from_bytes(fh.read(4), "big") != magic:
                         first_line = f"{path} is not an idx file"
@@ -718,7 +719,8 @@ def first_nonfinite_part(model, x, learning, values):
     when a later part's loss is the one that showed it; else the first learner with a bad loss."""
     log_probs, _ = model.truncated(x)
     bad = [k for k, lp in enumerate(log_probs) if not torch.isfinite(lp).all()]
-    bad += [k for k, v in zip(learning, values) if len(values) == len(learning) and not math.isfinite(v)]
+    if len(values) == len(learning):  # a loss per learner (end to end: one loss for all)
+        bad += [k for k, v in zip(learning, values) if not math.isfinite(v)]
     return bad[0] + 1 if bad else "?"
 
 @torch.no_grad()
@@ -914,10 +916,9 @@ def weights_hash(model):
 # Experiment: the mechanisms side by side from the same start; what one step costs.
 
 def mechanism_steps(mode, n_parts):
-    """The kinds of step a mechanism takes: every part at once, or each part alone."""
-    if mode in ("full", "parallel"):
-        return [list(range(n_parts))]
-    return [[k] for k in range(n_parts)]
+    """The kinds of step a mechanism takes, read off its schedule (learning_parts) over one turn each."""
+    turns = [learning_parts(mode, step, n_parts, n_parts) for step in range(n_parts)]
+    return [list(k) for k in dict.fromkeys(map(tuple, turns))]
 
 def measure_step(model, x, mode, learning):
     """What one step holds and sends: (activation bytes, boundary backward bytes, CUDA peak bytes).
@@ -1082,21 +1083,21 @@ def sweep_table(summary):
     """The sweep as a Markdown table: per budget the gap, the time, and where finetuning from the
     alternate weights overtakes full training after as many epochs, and at equal training time."""
     raw = "gap_raw_weights" in summary["budgets"][0]
-    rows = ["| budget N | full, N epochs | alternate 2N/3 + finetune N/3 | gap |"
-            + (" gap, raw weights |" * raw)
-            + " time / full | full at equal time | finetuning ahead of full's first M epochs from M = "
-            "| ahead of full at equal time from M = |", "|---" * (8 + raw) + "|"]
+    header = ["budget N", "full, N epochs", "alternate 2N/3 + finetune N/3", "gap"] \
+        + ["gap, raw weights"] * raw + ["time / full", "full at equal time",
+                                        "finetuning ahead of full's first M epochs from M =",
+                                        "ahead of full at equal time from M ="]
+    rows = []
     for b in summary["budgets"]:
         h = b["head_start"]
         ahead = next((m["finetune_epochs"] for m in h if m["bpd"] < m["full_after_same_epochs"]), "never")
         pays = next((m["finetune_epochs"] for m in h if m["full_at_same_seconds"] is not None
                      and m["bpd"] < m["full_at_same_seconds"]), "never")
-        rows.append(f"| {b['budget']} | {b['full_bpd']:.3f} | {b['alternate_finetune_bpd']:.3f} "
-                    f"| {b['gap']:+.3f} |"
-                    + (f" {b['gap_raw_weights']:+.3f} |" if raw else "")
-                    + f" {b['time_ratio']:.2f} | {bpd_at(summary['full_curve'], h[-1]['seconds']):.3f} "
-                      f"| {ahead} | {pays} |")
-    return "\n".join(rows)
+        rows.append([str(b["budget"]), f"{b['full_bpd']:.3f}", f"{b['alternate_finetune_bpd']:.3f}",
+                     f"{b['gap']:+.3f}"] + [f"{b['gap_raw_weights']:+.3f}"] * raw
+                    + [f"{b['time_ratio']:.2f}", f"{bpd_at(summary['full_curve'], h[-1]['seconds']):.3f}",
+                       str(ahead), str(pays)])
+    return markdown_table(header, rows)
 
 def plot_sweep(summary, path):
     """The gap and the wall-time ratio against the budget, and every curve against training time."""
@@ -1148,35 +1149,37 @@ def benchmark(cfg, modes, repeats=5, log=print):
         rows.append({"mode": mode, "step_seconds": statistics.fmean(medians), "part_step_seconds": medians,
                      **step_costs(run.model, probe, mode)})
     full = next((r for r in rows if r["mode"] == "full"), rows[0])
-    lines = [f"benchmark: {cfg.levels} levels x {cfg.steps} steps, hidden {cfg.hidden}, parts {cfg.parts}, "
-             f"batch {cfg.batch_size} of {channels}x{S}x{S} on {cfg.device}",
-             "| mechanism | step s | step / full | per-part step s | activations MB | CUDA peak MB "
-             "| boundary grad KB |", "|---" * 7 + "|"]
-    for r in rows:
-        peak = f"{r['cuda_max_memory_allocated'] / 2 ** 20:.0f}" if r["cuda_max_memory_allocated"] else "-"
-        lines.append(f"| {r['mode']} | {r['step_seconds']:.3f} "
-                     f"| {r['step_seconds'] / full['step_seconds']:.2f} | "
-                     + " ".join(f"{t:.3f}" for t in r["part_step_seconds"])
-                     + f" | {r['activation_bytes'] / 2 ** 20:.1f} | {peak} "
-                       f"| {r['boundary_backward_bytes'] / 2 ** 10:.0f} |")
-    log("\n".join(lines))
+    table = markdown_table(
+        ["mechanism", "step s", "step / full", "per-part step s", "activations MB", "CUDA peak MB",
+         "boundary grad KB"],
+        [[r["mode"], f"{r['step_seconds']:.3f}", f"{r['step_seconds'] / full['step_seconds']:.2f}",
+          " ".join(f"{t:.3f}" for t in r["part_step_seconds"]), f"{r['activation_bytes'] / 2 ** 20:.1f}",
+          f"{r['cuda_max_memory_allocated'] / 2 ** 20:.0f}" if r["cuda_max_memory_allocated"] else "-",
+          f"{r['boundary_backward_bytes'] / 2 ** 10:.0f}"] for r in rows])
+    log(f"benchmark: {cfg.levels} levels x {cfg.steps} steps, hidden {cfg.hidden}, parts {cfg.parts}, "
+        f"batch {cfg.batch_size} of {channels}x{S}x{S} on {cfg.device}\n{table}")
     return rows
+
+def markdown_table(header, rows):
+    """A Markdown table from a header and rows of cells (strings)."""
+    line = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
+    return "\n".join([line(header), "|---" * len(header) + "|"] + [line(cells) for cells in rows])
 
 def summary_table(summary):
     """The comparison as a Markdown table (ratios relative to the full run)."""
     full = next((r for r in summary["runs"] if r["mode"] == "full"), summary["runs"][0])
-    rows = ["| run | final test bpd | train s | time / full | time to full's bpd (s) "
-            "| full's bpd at equal time | step ms | step / full | activations MB | boundary grad KB |",
-            "|---" * 10 + "|"]
+    header = ["run", "final test bpd", "train s", "time / full", "time to full's bpd (s)",
+              "full's bpd at equal time", "step ms", "step / full", "activations MB", "boundary grad KB"]
+    rows = []
     for r in summary["runs"]:
-        ttt = f"{r['time_to_target']:.0f}" if r["time_to_target"] is not None else "never"
-        same_time = f"{r['full_bpd_at_equal_time']:.3f}" if r["full_bpd_at_equal_time"] is not None else "-"
-        rows.append(f"| {r['name']} | {r['final_test_bpd']:.3f} | {r['train_seconds']:.0f} | "
-                    f"{r['train_seconds'] / full['train_seconds']:.2f} | {ttt} | {same_time} | "
-                    f"{1e3 * r['step_seconds']:.1f} | {r['step_seconds'] / full['step_seconds']:.2f} | "
-                    f"{r['activation_bytes'] / 2 ** 20:.1f} | "
-                    f"{r['boundary_backward_bytes'] / 2 ** 10:.0f} |")
-    return "\n".join(rows)
+        rows.append([r["name"], f"{r['final_test_bpd']:.3f}", f"{r['train_seconds']:.0f}",
+                     f"{r['train_seconds'] / full['train_seconds']:.2f}",
+                     f"{r['time_to_target']:.0f}" if r["time_to_target"] is not None else "never",
+                     f"{r['full_bpd_at_equal_time']:.3f}" if r["full_bpd_at_equal_time"] is not None else "-",
+                     f"{1e3 * r['step_seconds']:.1f}", f"{r['step_seconds'] / full['step_seconds']:.2f}",
+                     f"{r['activation_bytes'] / 2 ** 20:.1f}",
+                     f"{r['boundary_backward_bytes'] / 2 ** 10:.0f}"])
+    return markdown_table(header, rows)
 
 def plot_compare(summary, path):
     """Test bits/dim against epoch and against training seconds; dotted lines mark finetuning's start."""
@@ -1457,7 +1460,7 @@ def resume_config(saved, given, done, log):
         raise UsageError(f"the run in {cfg.out} already has {done} epochs ({saved.epochs} + {saved.finetune} "
                          f"finetuning); ask for more with --epochs or --finetune")
     for k, v in changed.items():
-        log(f"resume: --{k.replace('_', '-')} {v} (was {getattr(saved, k)})")
+        log(f"resume: {flags([k])} {v} (was {getattr(saved, k)})")
     return cfg
 
 def config_from_args(args, log=print):
