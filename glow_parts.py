@@ -11,12 +11,10 @@ Quickstart (CPU, offline, about a minute; scikit-learn's bundled 8x8 digits):
 The poster's experiment (CIFAR-10, needs a GPU):
     python glow_parts.py --mode alternate --epochs 60 --finetune 30
 
-Papers
-  Glow:  Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", NeurIPS 2018.
-  Flows: Dinh et al., "Density estimation using Real NVP", ICLR 2017 (multi-scale, affine coupling).
-  Local objectives: Loewe et al., "Putting an End to End-to-End", NeurIPS 2019; Belilovsky et al.,
-  "Decoupled Greedy Learning of CNNs", ICML 2020. The parts/truncated objective follow the poster
-  this project reproduces.
+Papers: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", NeurIPS 2018;
+Dinh et al., "Density estimation using Real NVP", ICLR 2017 (multi-scale, affine coupling). Local
+objectives: Loewe et al., "Putting an End to End-to-End", NeurIPS 2019; Belilovsky et al., "Decoupled
+Greedy Learning of CNNs", ICML 2020. The parts and the truncated objective follow the poster.
 
 The truncated objective
   Cut the flow into parts g_1 .. g_P: h_0 = x, h_k = g_k(h_{k-1}). A part may also split off
@@ -33,19 +31,20 @@ The truncated objective
   while end to end only the last part's output must. Finetuning end to end repairs the difference.
 
 What differs from the paper (and the official code)
-  - Adam with linear warmup and a constant rate; Polyak averaging only with --ema; no class
-    conditioning.
+  - Adam with linear warmup and a constant rate; Polyak averaging only with --ema; no classes.
   - Zero-padded convolutions (the official code adds an "edge" channel instead).
-  - The learned top prior is a free mean / log-std per latent position (the official code runs a
-    zero-initialised conv over a constant; same family at init, fewer weights).
+  - The top prior is a free mean / log-std per latent position (the official code runs a zero conv
+    over a constant: the same family at init, fewer weights).
   - The split prior and coupling use contiguous channel halves (the official code interleaves).
   - Bits/dim is measured with one uniform-noise dequantization sample, as in the paper's tables.
 """
 import argparse
 import copy
 import fcntl
+import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -260,12 +259,8 @@ def default_parts(n_levels, n_steps):
 def check_parts(parts, n_levels, n_steps):
     """A parts spec (step counts per part, in flow order) as a list of ints, or ValueError."""
     parts = list(parts)
-    if not parts:
-        raise ValueError("parts is empty: give at least one step count")
-    if not all(isinstance(p, int) and not isinstance(p, bool) for p in parts):
-        raise ValueError(f"parts must be integers, got {parts}")
-    if any(p <= 0 for p in parts):
-        raise ValueError(f"parts must be positive step counts, got {parts}")
+    if not parts or not all(type(p) is int and p > 0 for p in parts):
+        raise ValueError(f"parts must be a non-empty list of positive integers, got {parts}")
     if sum(parts) != n_levels * n_steps:
         raise ValueError(f"parts {parts} sum to {sum(parts)}, but the flow has "
                          f"n_levels * n_steps = {n_levels} * {n_steps} = {n_levels * n_steps} steps")
@@ -440,6 +435,10 @@ class UsageError(Exception):
 
 DATASETS = ("cifar10", "mnist", "fashion-mnist", "digits")
 NATIVE = {"cifar10": (3, 32), "mnist": (1, 28), "fashion-mnist": (1, 28), "digits": (1, 8)}  # C, size
+WHERE = {"cifar10": "cifar-10-batches-py/ (the extracted cifar-10-python.tar.gz)",
+         "mnist": "MNIST/raw/ (the four unzipped idx files)",
+         "fashion-mnist": "FashionMNIST/raw/ (the four unzipped idx files; Debian's dataset-fashion-mnist "
+                          "package has them gzipped)"}
 INIT_BATCH = 256  # images for ActNorm's data-dependent init (the official code's n_batch_init)
 
 def preprocess(x, n_bits, noise=True, generator=None):
@@ -477,21 +476,13 @@ def load_images(name, data_dir="./data", download=True):
     except Exception as e:  # offline download, missing or corrupt files: torchvision raises many kinds
         if created:
             shutil.rmtree(data_dir, ignore_errors=True)  # leave no half-made tree behind
-        where = {"cifar10": f"{data_dir}/cifar-10-batches-py/ (the extracted cifar-10-python.tar.gz)",
-                 "mnist": f"{data_dir}/MNIST/raw/ (the four unzipped idx files)",
-                 "fashion-mnist": f"{data_dir}/FashionMNIST/raw/ (the four unzipped idx files; Debian's "
-                                  "dataset-fashion-mnist package has them gzipped)"}[name]
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raw = os.path.join(data_dir, cls.__name__, "raw")  # MNIST's idx files start with a magic number
-        idx_files = [(f"{s}-{k}-idx{d}-ubyte", 2048 + d) for s in ("train", "t10k")
-                     for k, d in (("images", 3), ("labels", 1))] if name != "cifar10" else []
-        for f, magic in idx_files:
-            path = os.path.join(raw, f)
-            if os.path.isfile(path):
-                with open(path, "rb") as fh:
-                    if int.from_bytes(fh.read(4), "big") != magic:
-                        first_line = f"{path} is not an idx file"
-        raise UsageError(f"could not load {name} ({first_line}); put it in {where}, "
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raw = os.path.join(data_dir, cls.__name__, "raw")
+        for f in sorted(os.listdir(raw)) if os.path.isdir(raw) else []:
+            with open(os.path.join(raw, f), "rb") as fh:  # an idx file starts with 2049 or 2051
+                if f.endswith("-ubyte") and int.from_bytes(fh.read(4), "big") not in (2049, 2051):
+                    why = f"{raw}/{f} is not an idx file"
+        raise UsageError(f"could not load {name} ({why}); put it in {data_dir}/{WHERE[name]}, "
                          f"or try the offline --dataset digits") from None
     out = []
     for split in splits:
@@ -534,12 +525,10 @@ def number(low, high=None, kind=int):
         try:
             value = kind(text)
         except ValueError:
-            want = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"want {want}, got {text!r}") from None
-        closed = kind is int  # integer bounds are inclusive, float bounds exclusive (and never inf or nan)
-        if not (math.isfinite(value) and (value >= low if closed else value > low)
-                and (high is None or (value <= high if closed else value < high))):
-            bounds = f"[{low}, {high}]" if closed else f"({low}, {high if high is not None else 'inf'})"
+            raise argparse.ArgumentTypeError(f"want {kind.__name__}, got {text!r}") from None
+        top = math.inf if high is None else high
+        if not (low <= value <= top if kind is int else low < value < top):  # nan fails too
+            bounds = f"[{low}, {top}]" if kind is int else f"({low}, {top})"
             raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
         return value
     return parse
@@ -562,41 +551,39 @@ def setting(default, help, **argparse_kwargs):
 @dataclass
 class Config:
     """A run's settings, each one a command-line flag; checkpoints store the whole Config."""
-    mode: str = setting("alternate", "training mechanism (under torchrun: parallel = one part per process, "
-                        "the others data parallel)", choices=MODES)
+    mode: str = setting("alternate", "training mechanism (under torchrun, parallel runs one part per "
+                        "process; the others run data parallel)", choices=MODES)
     epochs: int = setting(60, "epochs of the mechanism", type=number(0))
     finetune: int = setting(0, "end-to-end epochs after the mechanism's epochs", type=number(0))
     dataset: str = setting("cifar10", "the images", choices=DATASETS)
     data_dir: str = setting("./data", "torchvision datasets are read from / downloaded to here")
     image_size: int | None = setting(None, "resize to this size; None: native", type=number(1, 1024))
-    n_bits: int | None = setting(None, "bits per pixel kept; None: 8, or 4 for digits", type=number(1))
-    subset: int | None = setting(None, "use only the first N training images; None: all", type=number(1))
+    n_bits: int | None = setting(None, "bits per pixel kept; None: 8, or 4 for digits", type=number(1, 8))
+    subset: int | None = setting(None, "train on the first N training images; None: all", type=number(1))
     levels: int = setting(3, "L, levels of the multi-scale flow", type=number(1))
     steps: int = setting(32, "K, flow steps per level", type=number(1))
     hidden: int = setting(512, "channels of the coupling networks", type=number(1))
-    parts: list | str | None = setting(None, "steps per part, e.g. 32,16,16,32, or auto:P for P parts of "
-                                       "equal compute; None: default_parts (32,16,16,32)", type=parse_parts)
-    part_prior: str = setting("standard", "prior on an intermediate part's output: N(0, I), or a learned "
+    parts: list | str | None = setting(None, "steps per part, e.g. 32,16,16,32, or auto:P (P parts of equal "
+                                       "compute); None: default_parts", type=parse_parts)
+    part_prior: str = setting("standard", "prior on an intermediate part's output: N(0, I) or a learned "
                               "diagonal Gaussian", choices=("standard", "learned"))
     batch_size: int = setting(64, "images per step (the global batch under torchrun)", type=number(1))
     lr: float = setting(1e-3, "Adam learning rate of every part", type=number(0.0, kind=float))
-    part_lr: list | None = setting(None, "one learning rate per part, e.g. 1e-3,2e-3,2e-3,1e-3 (instead "
-                                   "of --lr)", type=parse_rates)
+    part_lr: list | None = setting(None, "one rate per part instead, e.g. 1e-3,2e-3,2e-3,1e-3",
+                                   type=parse_rates)
     warmup: int | None = setting(None, "linear warmup, in each part's own updates; None: a tenth of each "
                                  "part's updates in the run, at most 500", type=number(1))
     alternate_every: int = setting(1, "steps per turn in alternate mode", type=number(1))
-    compile: bool | None = setting(None, "torch.compile every part (--no-compile: never); None: on a GPU, "
-                                   "where it pays at once, not on a CPU, where it takes minutes",
-                                   action=argparse.BooleanOptionalAction)
-    recompute: bool = setting(False, "memory-saving gradients: save only each flow step's input and run "
-                              "the step again in backward (torch.utils.checkpoint)", action="store_true")
-    ema: float | None = setting(None, "Polyak averaging (the Glow paper's): the decay of a moving average of "
-                                "the weights, which then evaluates, samples and is checkpointed beside them; "
-                                "None: off", type=number(0.0, 1.0, float))
+    compile: bool | None = setting(None, "torch.compile every part; None: on a GPU (it pays at once), not on "
+                                   "a CPU (it takes minutes)", action=argparse.BooleanOptionalAction)
+    recompute: bool = setting(False, "memory-saving gradients: keep each flow step's input only and run it "
+                              "again in backward (torch.utils.checkpoint)", action="store_true")
+    ema: float | None = setting(None, "Polyak averaging: decay of the weights' moving average, which "
+                                "evaluates, samples, is saved; None: off", type=number(0.0, 1.0, float))
     seed: int = setting(0, "weights, data order and noise all follow from it", type=number(0, 2 ** 32 - 1))
     device: str | None = setting(None, "cpu, cuda, cuda:1, mps; None: cuda if there is one")
     num_workers: int = setting(0, "DataLoader worker processes", type=number(0))
-    out: str | None = setting(None, "run directory; None: runs/<dataset>-<mode> (or -compare)")
+    out: str | None = setting(None, "run directory; None: runs/<dataset>-<mode> (or -compare, -sweep)")
 
     def __post_init__(self):  # the settings whose default depends on others
         channels, native = NATIVE[self.dataset]
@@ -684,8 +671,9 @@ def train(run, data, log=print, shard=slice(None)):
                 log_probs, _ = model.truncated(x, learning)
                 losses = [bits_per_dim(log_prob, x, cfg.n_bits).mean() for log_prob in log_probs]
             values = [loss.item() for loss in losses]
+            owners = [n_parts - 1] if phase in END_TO_END else learning  # the part each value belongs to
             if not all(math.isfinite(v) for v in values):
-                k = first_nonfinite_part(model, x, learning, values)
+                k = first_nonfinite_part(model, x, owners, values)
                 raise NonFiniteLoss(f"non-finite loss in part {k} of {n_parts} at epoch {epoch} ({phase}), "
                                     f"step {i}; {checkpoint_note(cfg.out)}")
             model.zero_grad(set_to_none=True)
@@ -700,7 +688,7 @@ def train(run, data, log=print, shard=slice(None)):
                     decay = min(cfg.ema, (1 + run.steps) / (10 + run.steps))
                     torch._foreach_lerp_(averages, params, 1 - decay)
             run.steps += 1
-            for k, v in zip([n_parts - 1] if phase in END_TO_END else learning, values):
+            for k, v in zip(owners, values):
                 loss_sums[k], loss_counts[k] = loss_sums[k] + v, loss_counts[k] + 1
             if phase != "finetune":
                 sync(device)
@@ -714,14 +702,13 @@ def train(run, data, log=print, shard=slice(None)):
     return run
 
 @torch.no_grad()
-def first_nonfinite_part(model, x, learning, values):
+def first_nonfinite_part(model, x, owners, values):
     """The first part (1-based) whose truncated loss on x is not finite: where a failure starts, even
-    when a later part's loss is the one that showed it; else the first learner with a bad loss."""
+    when a later part's loss is the one that showed it; else the first part whose value was."""
     log_probs, _ = model.truncated(x)
     bad = [k for k, lp in enumerate(log_probs) if not torch.isfinite(lp).all()]
-    if len(values) == len(learning):  # a loss per learner (end to end: one loss for all)
-        bad += [k for k, v in zip(learning, values) if not math.isfinite(v)]
-    return bad[0] + 1 if bad else "?"
+    bad += [k for k, v in zip(owners, values) if not math.isfinite(v)]
+    return bad[0] + 1
 
 @torch.no_grad()
 def evaluate(model, images, batch_size, device):
@@ -781,10 +768,8 @@ def finish_epoch(run, epoch, phase, train_parts, test_bpd, part_bpd, log, raw_bp
 
 def build_model(cfg):
     torch.manual_seed(cfg.seed)
-    model = Glow(in_channels=NATIVE[cfg.dataset][0], image_size=cfg.image_size, n_levels=cfg.levels,
-                 n_steps=cfg.steps, hidden=cfg.hidden, parts=cfg.parts, n_bits=cfg.n_bits,
-                 part_prior=cfg.part_prior)
-    model = model.to(cfg.device, memory_format=torch.channels_last)
+    model = Glow(NATIVE[cfg.dataset][0], cfg.image_size, cfg.levels, cfg.steps, cfg.hidden, cfg.parts,
+                 cfg.n_bits, cfg.part_prior).to(cfg.device, memory_format=torch.channels_last)
     if cfg.compile:  # a graph per part, grad mode and batch size, all sharing Part.forward's code
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(model.parts))
     for part in model.parts:
@@ -866,22 +851,18 @@ def start_run(cfg, data=None, init_state=None, ckpt=None):
     model = build_model(cfg)
     run = Run(cfg, model, make_optimizers(model), updates=[0] * len(model.parts))
     if ckpt:
-        try:
+        try:  # its weights and optimizer states must fit its config
             model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            detail = next(line.strip() for line in str(e).splitlines()[1:] + [str(e)] if line.strip())
-            raise UsageError(f"--resume: the checkpoint's weights do not fit its config ({detail})") from None
-        if not len(ckpt["optimizers"]) == len(ckpt["updates"]) == len(model.parts):
-            raise UsageError(f"--resume: the checkpoint holds {len(ckpt['optimizers'])} optimizer states and "
-                             f"{len(ckpt['updates'])} update counts for {len(model.parts)} parts")
-        for k, (optimizer, state) in enumerate(zip(run.optimizers, ckpt["optimizers"])):
-            try:
+            if not len(ckpt["optimizers"]) == len(ckpt["updates"]) == len(model.parts):
+                raise ValueError(f"{len(ckpt['optimizers'])} optimizer states and {len(ckpt['updates'])} "
+                                 f"update counts for {len(model.parts)} parts")
+            for optimizer, state in zip(run.optimizers, ckpt["optimizers"]):
                 optimizer.load_state_dict(state)
-            except (ValueError, KeyError, TypeError) as e:
-                raise UsageError(f"--resume: the checkpoint's optimizer state of part {k + 1} does not fit "
-                                 f"that part ({str(e).splitlines()[0]})") from None
-        run.updates, run.epoch, run.seconds = ckpt["updates"], ckpt["epoch"], ckpt["seconds"]
-        run.steps, run.history = ckpt["steps"], ckpt["history"]
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            detail = next(line.strip() for line in str(e).splitlines()[1:] + [str(e)] if line.strip())
+            raise UsageError(f"--resume: the checkpoint does not fit its config ({detail})") from None
+        for key in ("updates", "epoch", "seconds", "steps", "history"):
+            setattr(run, key, ckpt[key])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
@@ -979,36 +960,32 @@ def compare(cfg, modes=("full", "alternate"), log=print):
     full trains epochs + finetune epochs end to end (the same total); every other mode trains its
     `epochs`, then `finetune` epochs end to end."""
     shared, data = start_run(replace(cfg, out=None))  # the initialised model every run starts from
-    model, init_state = shared.model, copy.deepcopy(shared.model.state_dict())
+    init_state = copy.deepcopy(shared.model.state_dict())
     # What one step of each mechanism holds and sends, on the shared start. This also runs every kind
     # of step once, so no run pays the one-off cost of first-time kernel setup inside its timing.
     probe = preprocess(data[0][:cfg.batch_size].to(cfg.device), cfg.n_bits)
-    costs = {mode: step_costs(model, probe, mode) for mode in modes}
+    costs = {mode: step_costs(shared.model, probe, mode) for mode in modes}
     runs = []
     for mode in modes:
         log(f"--- {mode}")
-        run_cfg = replace(cfg, mode=mode, out=os.path.join(cfg.out, mode),
-                          epochs=cfg.epochs + (cfg.finetune if mode == "full" else 0),
-                          finetune=0 if mode == "full" else cfg.finetune)
+        moved = cfg.finetune if mode == "full" else 0  # full trains the finetuning epochs as its own
+        run_cfg = replace(cfg, mode=mode, out=os.path.join(cfg.out, mode), epochs=cfg.epochs + moved,
+                          finetune=cfg.finetune - moved)
         run, _ = start_run(run_cfg, data, init_state)
         start_hash = weights_hash(run.model)
         train(run, data, log)
-        per_learner = [statistics.median(v) for v in run.step_seconds.values()]
         runs.append({"name": mode if mode == "full" or not cfg.finetune else f"{mode}+finetune",
-                     "mode": mode, "epochs": run_cfg.epochs, "finetune": run_cfg.finetune,
-                     "final_test_bpd": run.history[-1]["test_bpd"],
-                     "train_seconds": run.history[-1]["seconds"],
-                     "step_seconds": statistics.fmean(per_learner),
+                     "mode": mode, "epochs": run.cfg.epochs, "finetune": run.cfg.finetune,
+                     "final_test_bpd": run.history[-1]["test_bpd"], "train_seconds": run.seconds,
+                     "step_seconds": statistics.fmean(map(statistics.median, run.step_seconds.values())),
                      **costs[mode], "start_hash": start_hash, "curve": run.history})
-    full = next(r["curve"] for r in runs if r["mode"] == "full")
+    full = runs[modes.index("full")]["curve"]
     target, what = smoothed_final(full, cfg.ema)
     for r in runs:
         r["time_to_target"] = next((m["seconds"] for m in r["curve"] if m["test_bpd"] <= target), None)
         r["full_bpd_at_equal_time"] = bpd_at(full, r["train_seconds"])
     summary = {"config": asdict(cfg), "target_bpd": target, "target": what, "runs": runs}
-    with open(os.path.join(cfg.out, "compare.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    plot_compare(summary, os.path.join(cfg.out, "compare.png"))
+    write_results(summary, cfg.out, "compare", plot_compare)
     log(summary_table(summary))
     return summary
 
@@ -1022,6 +999,11 @@ def smoothed_final(curve, ema):
 def bpd_at(curve, seconds):
     """The test bits/dim a run had reached after `seconds` of training (its last evaluation by then)."""
     return next((m["test_bpd"] for m in reversed(curve) if m["seconds"] <= seconds * (1 + 1e-9)), None)
+
+def write_results(summary, out, name, plot):
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    plot(summary, os.path.join(out, f"{name}.png"))
 
 def sweep(cfg, budgets, log=print):
     """The poster's question at several budgets N (epochs): alternate 2N/3 + finetune N/3 against full N.
@@ -1038,10 +1020,10 @@ def sweep(cfg, budgets, log=print):
     full, _ = start_run(replace(cfg, mode="full", epochs=budgets[-1], finetune=0,
                                 out=os.path.join(cfg.out, "full")), data, init_state)
     log("--- full")
-    train(full, data, log)
+    full = train(full, data, log).history
     trunk, _ = start_run(replace(cfg, mode="alternate", epochs=0, finetune=0,
                                  out=os.path.join(cfg.out, "alternate")), data, init_state)
-    branches = {}
+    results = []
     for N in budgets:
         log(f"--- alternate to epoch {2 * N // 3}, then finetuning for {N // 3}")
         trunk.cfg = replace(trunk.cfg, epochs=2 * N // 3)
@@ -1049,35 +1031,27 @@ def sweep(cfg, budgets, log=print):
         branch = copy.deepcopy(trunk)
         branch.cfg = replace(trunk.cfg, finetune=N // 3, out=os.path.join(cfg.out, f"finetune-{N}"))
         with torch.random.fork_rng(devices=[cfg.device] if cfg.device.startswith("cuda") else []):
-            train(branch, data, log)  # the trunk goes on as if the branch had never run
-        branches[N] = branch.history
-    summary = sweep_summary(cfg, full.history, trunk.history, branches)
-    with open(os.path.join(cfg.out, "sweep.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    plot_sweep(summary, os.path.join(cfg.out, "sweep.png"))
-    log(sweep_table(summary))
-    return summary
-
-def sweep_summary(cfg, full, alternate, branches):
-    """The sweep's record from its curves: full's, alternate's and each budget's finetuning branch."""
-    results = []
-    for N, branch in branches.items():
-        tuned, end = branch[2 * N // 3:], full[N - 1]
+            curve = train(branch, data, log).history  # the trunk goes on as if the branch had never run
+        tuned, end = curve[2 * N // 3:], full[N - 1]
         r = {"budget": N, "full_bpd": end["test_bpd"], "full_seconds": end["seconds"],
              "alternate_finetune_bpd": tuned[-1]["test_bpd"],
              "alternate_finetune_seconds": tuned[-1]["seconds"],
-             "alternate_bpd": branch[2 * N // 3 - 1]["test_bpd"],
+             "alternate_bpd": curve[2 * N // 3 - 1]["test_bpd"],
              "head_start": [{"finetune_epochs": M + 1, "seconds": m["seconds"], "bpd": m["test_bpd"],
                              "full_after_same_epochs": full[M]["test_bpd"],
                              "full_at_same_seconds": bpd_at(full, m["seconds"])}
                             for M, m in enumerate(tuned)],
-             "curve": branch}
+             "curve": curve}
         r["gap"] = r["alternate_finetune_bpd"] - r["full_bpd"]
         r["time_ratio"] = r["alternate_finetune_seconds"] / r["full_seconds"]
         if "raw_test_bpd" in end:  # with --ema, the raw weights' too
             r["gap_raw_weights"] = tuned[-1]["raw_test_bpd"] - end["raw_test_bpd"]
         results.append(r)
-    return {"config": asdict(cfg), "budgets": results, "full_curve": full, "alternate_curve": alternate}
+    summary = {"config": asdict(cfg), "budgets": results, "full_curve": full,
+               "alternate_curve": trunk.history}
+    write_results(summary, cfg.out, "sweep", plot_sweep)
+    log(sweep_table(summary))
+    return summary
 
 def sweep_table(summary):
     """The sweep as a Markdown table: per budget the gap, the time, and where finetuning from the
@@ -1091,8 +1065,8 @@ def sweep_table(summary):
     for b in summary["budgets"]:
         h = b["head_start"]
         ahead = next((m["finetune_epochs"] for m in h if m["bpd"] < m["full_after_same_epochs"]), "never")
-        pays = next((m["finetune_epochs"] for m in h if m["full_at_same_seconds"] is not None
-                     and m["bpd"] < m["full_at_same_seconds"]), "never")
+        pays = next((m["finetune_epochs"] for m in h
+                     if m["bpd"] < (m["full_at_same_seconds"] or math.inf)), "never")
         rows.append([str(b["budget"]), f"{b['full_bpd']:.3f}", f"{b['alternate_finetune_bpd']:.3f}",
                      f"{b['gap']:+.3f}"] + [f"{b['gap_raw_weights']:+.3f}"] * raw
                     + [f"{b['time_ratio']:.2f}", f"{bpd_at(summary['full_curve'], h[-1]['seconds']):.3f}",
@@ -1102,8 +1076,7 @@ def sweep_table(summary):
 def plot_sweep(summary, path):
     """The gap and the wall-time ratio against the budget, and every curve against training time."""
     from matplotlib.figure import Figure
-    budgets = summary["budgets"]
-    fig = Figure(figsize=(15, 4))
+    budgets, fig = summary["budgets"], Figure(figsize=(15, 4))
     gap, ratio, curves = fig.subplots(1, 3)
     N = [b["budget"] for b in budgets]
     gap.plot(N, [b["gap"] for b in budgets], marker="o")
@@ -1141,14 +1114,14 @@ def benchmark(cfg, modes, repeats=5, log=print):
         images = torch.randint(0, 256, (cfg.batch_size * (repeats + 1) * n_kinds, channels, S, S),
                                dtype=torch.uint8, generator=torch.Generator().manual_seed(cfg.seed))
         data = (images, images[:cfg.batch_size])
-        bench_cfg = replace(cfg, mode=mode, epochs=1, finetune=0, lr=1e-6, part_lr=None, warmup=1, out=None)
-        run, _ = start_run(bench_cfg, data)
+        run, _ = start_run(replace(cfg, mode=mode, epochs=1, finetune=0, lr=1e-6, part_lr=None, warmup=1,
+                                   out=None), data)
         train(run, data, log=lambda *a: None)
         medians = [statistics.median(times[1:]) for times in run.step_seconds.values()]
         probe = preprocess(images[:cfg.batch_size].to(cfg.device), cfg.n_bits)
         rows.append({"mode": mode, "step_seconds": statistics.fmean(medians), "part_step_seconds": medians,
                      **step_costs(run.model, probe, mode)})
-    full = next((r for r in rows if r["mode"] == "full"), rows[0])
+    full = rows[modes.index("full")] if "full" in modes else rows[0]
     table = markdown_table(
         ["mechanism", "step s", "step / full", "per-part step s", "activations MB", "CUDA peak MB",
          "boundary grad KB"],
@@ -1162,23 +1135,21 @@ def benchmark(cfg, modes, repeats=5, log=print):
 
 def markdown_table(header, rows):
     """A Markdown table from a header and rows of cells (strings)."""
-    line = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
-    return "\n".join([line(header), "|---" * len(header) + "|"] + [line(cells) for cells in rows])
+    lines = ["| " + " | ".join(cells) + " |" for cells in [header, *rows]]
+    return "\n".join([lines[0], "|---" * len(header) + "|", *lines[1:]])
 
 def summary_table(summary):
     """The comparison as a Markdown table (ratios relative to the full run)."""
-    full = next((r for r in summary["runs"] if r["mode"] == "full"), summary["runs"][0])
+    full = next(r for r in summary["runs"] if r["mode"] == "full")
     header = ["run", "final test bpd", "train s", "time / full", "time to full's bpd (s)",
               "full's bpd at equal time", "step ms", "step / full", "activations MB", "boundary grad KB"]
-    rows = []
-    for r in summary["runs"]:
-        rows.append([r["name"], f"{r['final_test_bpd']:.3f}", f"{r['train_seconds']:.0f}",
-                     f"{r['train_seconds'] / full['train_seconds']:.2f}",
-                     f"{r['time_to_target']:.0f}" if r["time_to_target"] is not None else "never",
-                     f"{r['full_bpd_at_equal_time']:.3f}" if r["full_bpd_at_equal_time"] is not None else "-",
-                     f"{1e3 * r['step_seconds']:.1f}", f"{r['step_seconds'] / full['step_seconds']:.2f}",
-                     f"{r['activation_bytes'] / 2 ** 20:.1f}",
-                     f"{r['boundary_backward_bytes'] / 2 ** 10:.0f}"])
+    rows = [[r["name"], f"{r['final_test_bpd']:.3f}", f"{r['train_seconds']:.0f}",
+             f"{r['train_seconds'] / full['train_seconds']:.2f}",
+             f"{r['time_to_target']:.0f}" if r["time_to_target"] is not None else "never",
+             f"{r['full_bpd_at_equal_time']:.3f}" if r["full_bpd_at_equal_time"] is not None else "-",
+             f"{1e3 * r['step_seconds']:.1f}",
+             f"{r['step_seconds'] / full['step_seconds']:.2f}", f"{r['activation_bytes'] / 2 ** 20:.1f}",
+             f"{r['boundary_backward_bytes'] / 2 ** 10:.0f}"] for r in summary["runs"]]
     return markdown_table(header, rows)
 
 def plot_compare(summary, path):
@@ -1188,15 +1159,13 @@ def plot_compare(summary, path):
     axes = fig.subplots(1, 2, sharey=True)
     for r in summary["runs"]:
         curve = r["curve"]
+        start = next((i for i, m in enumerate(curve) if m["phase"] == "finetune"), None)
         for ax, key in zip(axes, ("epoch", "seconds")):
             line, = ax.plot([m[key] for m in curve], [m["test_bpd"] for m in curve], marker=".",
                             label=r["name"])
-            start = next((i for i, m in enumerate(curve) if m["phase"] == "finetune"), None)
-            if start is not None:
-                ax.axvline(curve[start - 1][key] if start else 0, color=line.get_color(), linestyle=":",
-                           alpha=0.7)
-    if summary["target_bpd"] is not None:
-        for ax in axes:
+            if start is not None:  # a dotted line where finetuning starts
+                x0 = curve[start - 1][key] if start else 0
+                ax.axvline(x0, color=line.get_color(), linestyle=":", alpha=0.7)
             ax.axhline(summary["target_bpd"], color="grey", linewidth=0.8, alpha=0.6)
     axes[0].set(xlabel="epoch", ylabel="test bits/dim", title="per epoch")
     axes[1].set(xlabel="training seconds", title="per second of training (the poster's claim)")
@@ -1219,28 +1188,18 @@ def step_macs(in_channels, image_size, n_levels, n_steps, hidden):
 
 def balanced_parts(n_parts, macs):
     """Cut the steps into n_parts contiguous parts whose most expensive part is as cheap as possible
-    (an exact dynamic programme over the cut points)."""
-    n = len(macs)
-    if not 1 <= n_parts <= n:
-        raise ValueError(f"auto:{n_parts} needs between 1 and {n} parts (one per flow step at most)")
-    prefix = [0]
-    for m in macs:
-        prefix.append(prefix[-1] + m)
-    # best[p][i]: the smallest possible largest part when the first i steps form p parts
-    best = [[math.inf] * (n + 1) for _ in range(n_parts + 1)]
-    cut = [[0] * (n + 1) for _ in range(n_parts + 1)]
-    best[0][0] = 0
-    for p in range(1, n_parts + 1):
-        for i in range(p, n + 1):
-            for j in range(p - 1, i):
-                cost = max(best[p - 1][j], prefix[i] - prefix[j])
-                if cost < best[p][i]:
-                    best[p][i], cut[p][i] = cost, j
-    sizes, i = [], n
-    for p in range(n_parts, 0, -1):
-        sizes.append(i - cut[p][i])
-        i = cut[p][i]
-    return sizes[::-1]
+    (exact: a dynamic programme over the last cut)."""
+    if not 1 <= n_parts <= len(macs):
+        raise ValueError(f"auto:{n_parts} needs between 1 and {len(macs)} parts (one per flow step at most)")
+    prefix = [0, *itertools.accumulate(macs)]
+
+    @functools.cache
+    def best(i, p):  # (the cheapest largest part, its sizes) when the first i steps form p parts
+        if p == 1:
+            return prefix[i], [i]
+        cost, j = min((max(best(j, p - 1)[0], prefix[i] - prefix[j]), j) for j in range(p - 1, i))
+        return cost, best(j, p - 1)[1] + [i - j]
+    return best(len(macs), n_parts)[1]
 
 # -----------------------------------------------------------------------------
 # Distributed, under torchrun: data parallel for every mechanism, and the pipeline of parts.
@@ -1314,33 +1273,25 @@ def train_pipeline(cfg, ckpt, rank, world, log):
     and writes one checkpoint, in the single-process format."""
     import torch.distributed as dist
     run, (train_images, test_images) = start_run(cfg, ckpt=ckpt)
-    cfg, model, device = run.cfg, run.model, torch.device(run.cfg.device)
+    cfg, model, device, B = run.cfg, run.model, torch.device(run.cfg.device), run.cfg.batch_size
     optimizer, lr = run.optimizers[rank], (cfg.part_lr or [cfg.lr] * world)[rank]
-    B, steps_per_epoch = cfg.batch_size, len(train_images) // cfg.batch_size
     # bytes [sent forward, sent backward, received from before, received from after], at every transfer
     traffic = torch.zeros(4, dtype=torch.float64, device=device)
     pending = []  # the sends in flight: their buffers stay alive until they are received
 
-    def send(carry=None, peer=rank + 1):
-        for request in pending:
-            request.wait()
-        pending.clear()
-        if carry is not None and peer < world:
-            for t in carry:
-                t = t.detach().contiguous()
-                traffic[0 if peer > rank else 1] += t.numel() * t.element_size()
-                pending.append(dist.isend(t, peer))
+    def count(t, peer, sent):
+        direction = (0 if peer > rank else 1) if sent else (2 if peer < rank else 3)
+        traffic[direction] += t.numel() * t.element_size()
 
-    def receive():
+    def receive(batch):
         """Process 0 starts from a batch of images (no earlier terms); the others receive a carry."""
         if rank == 0:
-            x = preprocess(next(loader)[0].to(device), cfg.n_bits)
-            return x, torch.zeros(B, device=device)
+            return preprocess(batch.to(device), cfg.n_bits), torch.zeros(B, device=device)
         h = torch.empty(B, *model.parts[rank - 1].prior.mean.shape[1:], device=device)
         const = torch.empty(B, device=device)
-        for t, peer in ((h, rank - 1), (const, rank - 1)):
-            dist.recv(t, peer)
-            traffic[2 if peer < rank else 3] += t.numel() * t.element_size()
+        for t in (h, const):
+            dist.recv(t, rank - 1)
+            count(t, rank - 1, sent=False)
         return h.contiguous(memory_format=torch.channels_last), const
 
     model.train()
@@ -1350,25 +1301,34 @@ def train_pipeline(cfg, ckpt, rank, world, log):
         traffic.zero_()
         dist.barrier()
         t0 = time.perf_counter()
-        loader = iter(batches(train_images, B, cfg.seed, epoch, cfg.num_workers)) if rank == 0 else None
-        for _ in range(steps_per_epoch):
-            (log_prob,), carry = model.truncated(None, [rank], receive())
-            send(carry)  # forward only; nothing ever comes back
+        steps = len(train_images) // B
+        loader = [(None,)] * steps if rank else batches(train_images, B, cfg.seed, epoch, cfg.num_workers)
+        for batch, in loader:
+            (log_prob,), carry = model.truncated(None, [rank], receive(batch))
+            for request in pending:  # the previous batch's sends are done: their buffers may go
+                request.wait()
+            pending = []
+            for t in carry if rank + 1 < world else []:  # forward only; nothing ever comes back
+                t = t.detach().contiguous()
+                count(t, rank + 1, sent=True)
+                pending.append(dist.isend(t, rank + 1))
             loss = bits_per_dim(log_prob, model.n_dims, model.n_bits).mean()
-            if torch.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for group in optimizer.param_groups:
-                    group["lr"] = warmed_up(lr, run.updates[rank], cfg.warmup)
-                optimizer.step()
-                run.updates[rank] += 1
-                loss_sum[rank] += loss.item()
-            else:
+            if not torch.isfinite(loss):  # stop together at the epoch's end, not alone in the middle
                 n_bad[rank] += 1
-        send()
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = warmed_up(lr, run.updates[rank], cfg.warmup)
+            optimizer.step()
+            run.updates[rank] += 1
+            loss_sum[rank] += loss.item()
+        for request in pending:
+            request.wait()
+        pending = []
         dist.barrier()
         run.seconds += time.perf_counter() - t0
-        run.steps += steps_per_epoch
+        run.steps += steps
         for t in (loss_sum, n_bad, traffic):
             dist.all_reduce(t)
         if n_bad.sum() > 0:
@@ -1387,7 +1347,7 @@ def train_pipeline(cfg, ckpt, rank, world, log):
                 run.optimizers[k].load_state_dict(theirs["optimizer"])
                 run.updates[k] = theirs["updates"]
             test_bpd, part_bpd = evaluate(model, test_images, B, device)
-            finish_epoch(run, epoch, cfg.mode, (loss_sum / steps_per_epoch).tolist(), test_bpd, part_bpd, log)
+            finish_epoch(run, epoch, cfg.mode, (loss_sum / steps).tolist(), test_bpd, part_bpd, log)
             log(f"          pipeline: {int(traffic[0]):,} bytes sent forward between parts this epoch, "
                 f"{int(traffic[1])} backward; received {int(traffic[2]):,} from earlier parts, "
                 f"{int(traffic[3])} from later ones")
@@ -1484,8 +1444,6 @@ def config_from_args(args, log=print):
         fit = 2 ** cfg.levels * max(1, round(cfg.image_size / 2 ** cfg.levels))
         raise UsageError(f"image size {cfg.image_size} is not divisible by 2^levels = {2 ** cfg.levels}; "
                          f"pass --image-size {fit}, say")
-    if cfg.n_bits > 8:
-        raise UsageError(f"--n-bits {cfg.n_bits}: the {cfg.dataset} images have 8 bits per pixel")
     if cfg.part_lr and len(cfg.part_lr) != len(cfg.parts):
         raise UsageError(f"--part-lr gives {len(cfg.part_lr)} rates for {len(cfg.parts)} parts")
     try:
@@ -1515,27 +1473,19 @@ def claim_run_dir(out):
     operating system's (flock), so it ends with the process however the process ends, kill -9 too."""
     try:
         os.makedirs(out, exist_ok=True)
-        lock = open(os.path.join(out, ".lock"), "a+")
+        lock = open(os.path.join(out, ".lock"), "w")
     except OSError as e:
         raise UsageError(f"--out {out}: cannot create or write it ({e.strerror or e})") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.seek(0)
-        owner = lock.read().strip() or "?"
         lock.close()
-        raise UsageError(f"--out {out} is in use by another run (process {owner}); wait for it to end, "
+        raise UsageError(f"--out {out} is in use by another run; wait for it to end, "
                          f"or choose another --out") from None
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
     return lock  # the lock lasts as long as this file stays open
 
-class Interrupted(Exception):
-    """SIGTERM (what a cluster scheduler sends), handled like Ctrl-C."""
-
-def interrupt(signum, frame):
-    raise Interrupted()
+def interrupt(signum, frame):  # SIGTERM (what a cluster scheduler sends) is handled like Ctrl-C
+    raise KeyboardInterrupt(signum)
 
 def main(argv=None):
     rank, local_rank, world = torchrun_env()
@@ -1572,16 +1522,12 @@ def main(argv=None):
     except NonFiniteLoss as e:
         print(f"glow_parts.py: {e}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, Interrupted) as e:
-        how = "SIGTERM" if isinstance(e, Interrupted) else "Ctrl-C"
-        if cfg is None or args.benchmark:
-            kept = "nothing was written"
-        else:
-            kept = checkpoint_note(cfg.out)
-            if args.compare or args.sweep:
-                kept = f"each run's last checkpoint is kept under {cfg.out}"
-        print(f"glow_parts.py: interrupted ({how}); {kept}", file=sys.stderr)
-        return 143 if isinstance(e, Interrupted) else 130
+    except KeyboardInterrupt as e:
+        kept = checkpoint_note(cfg.out) if cfg and not args.benchmark else "nothing was written"
+        if cfg and (args.compare or args.sweep):
+            kept = f"each run's last checkpoint is kept under {cfg.out}"
+        print(f"glow_parts.py: interrupted ({'SIGTERM' if e.args else 'Ctrl-C'}); {kept}", file=sys.stderr)
+        return 143 if e.args else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
         if lock:

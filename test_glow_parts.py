@@ -215,7 +215,7 @@ def test_sample_is_finite_with_the_right_shape_and_temperature_zero_is_the_mean_
 
 @pytest.mark.parametrize("parts,match", [
     ([2, 2], "sum to 4"), ([3, 0, 3], "positive"), ([3, -1, 4], "positive"), ([2.5, 3.5], "integers"),
-    (["3", "3"], "integers"), ([], "empty")])
+    (["3", "3"], "integers"), ([], "non-empty"), ([True, 3], "integers")])
 def test_malformed_parts_raise_value_error(parts, match):
     with pytest.raises(ValueError, match=match):
         gp.Glow(in_channels=1, image_size=8, n_levels=3, n_steps=2, hidden=8, parts=parts)
@@ -627,8 +627,8 @@ def malform(ckpt, how):
 
 
 @pytest.mark.parametrize("how,match", [
-    ("no rng", "lacks rng"), ("config does not fit the weights", "weights do not fit its config"),
-    ("optimizers do not fit the parts", "optimizer state of part 1"), ("one optimizer too few", "1 optimizer states"),
+    ("no rng", "lacks rng"), ("config does not fit the weights", "size mismatch"),
+    ("optimizers do not fit the parts", "parameter group"), ("one optimizer too few", "1 optimizer states"),
     ("config lacks a setting", "lacks or has unknown settings: warmup")])
 def test_a_malformed_checkpoint_is_refused_with_one_line_naming_what_is_wrong(how, match, tmp_path, capsys):
     out = tmp_path / "run"
