@@ -905,7 +905,7 @@ def measure_step(model, x, mode, learning):
     """What one step holds and sends: (activation bytes, boundary backward bytes, CUDA peak bytes).
 
     activation bytes: storage of the tensors autograd saves for backward (parameters excluded; with
-    --recompute, the steps' inputs that torch.utils.checkpoint keeps instead).
+    --recompute, what torch.utils.checkpoint keeps: each step's input).
     boundary bytes: gradient that flows backwards into a part's input from the part after it,
     counted by a hook on each part's input that fires only if a gradient really arrives there."""
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -924,13 +924,7 @@ def measure_step(model, x, mode, learning):
         if args[0].requires_grad:
             args[0].register_hook(count)
 
-    def keep_input(module, args):  # a recomputed step keeps only its input, outside autograd's hooks
-        if torch.is_grad_enabled():
-            pack(args[0])
-
     hooks = [part.register_forward_pre_hook(watch_input) for part in model.parts[1:]]
-    hooks += [step.register_forward_pre_hook(keep_input) for part in model.parts if part.recompute
-              for step in part.layers if isinstance(step, FlowStep)]
     cuda = x.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(x.device)
@@ -1001,6 +995,7 @@ def bpd_at(curve, seconds):
     return next((m["test_bpd"] for m in reversed(curve) if m["seconds"] <= seconds * (1 + 1e-9)), None)
 
 def write_results(summary, out, name, plot):
+    """out/name.json, and out/name.png drawn by plot."""
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(summary, f, indent=1)
     plot(summary, os.path.join(out, f"{name}.png"))
