@@ -563,8 +563,9 @@ class Config:
     levels: int = setting(3, "L, levels of the multi-scale flow", type=number(1))
     steps: int = setting(32, "K, flow steps per level", type=number(1))
     hidden: int = setting(512, "channels of the coupling networks", type=number(1))
-    parts: list | str | None = setting(None, "steps per part, e.g. 32,16,16,32, or auto:P (P parts of equal "
-                                       "compute); None: default_parts", type=parse_parts)
+    parts: list | str | None = setting(None, "steps per part, or auto:P (P parts of equal compute); None: the "
+                                       "poster's cut, a part per level, the middle halved (32,16,16,32)",
+                                       type=parse_parts)
     part_prior: str = setting("standard", "prior on an intermediate part's output: N(0, I) or a learned "
                               "diagonal Gaussian", choices=("standard", "learned"))
     batch_size: int = setting(64, "images per step (the global batch under torchrun)", type=number(1))
