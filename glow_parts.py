@@ -42,6 +42,7 @@ import argparse
 import copy
 import fcntl
 import functools
+import glob
 import hashlib
 import io
 import itertools
@@ -477,11 +478,10 @@ def load_images(name, data_dir="./data", download=True):
         if created:
             shutil.rmtree(data_dir, ignore_errors=True)  # leave no half-made tree behind
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raw = os.path.join(data_dir, cls.__name__, "raw")
-        for f in sorted(os.listdir(raw)) if os.path.isdir(raw) else []:
-            with open(os.path.join(raw, f), "rb") as fh:  # an idx file starts with 2049 or 2051
-                if f.endswith("-ubyte") and int.from_bytes(fh.read(4), "big") not in (2049, 2051):
-                    why = f"{raw}/{f} is not an idx file"
+        for path in sorted(glob.glob(os.path.join(data_dir, cls.__name__, "raw", "*-ubyte"))):
+            with open(path, "rb") as fh:  # an idx file starts with 2049 (labels) or 2051 (images)
+                if int.from_bytes(fh.read(4), "big") not in (2049, 2051):
+                    why = f"{path} is not an idx file"
         raise UsageError(f"could not load {name} ({why}); put it in {data_dir}/{WHERE[name]}, "
                          f"or try the offline --dataset digits") from None
     out = []
@@ -563,8 +563,8 @@ class Config:
     levels: int = setting(3, "L, levels of the multi-scale flow", type=number(1))
     steps: int = setting(32, "K, flow steps per level", type=number(1))
     hidden: int = setting(512, "channels of the coupling networks", type=number(1))
-    parts: list | str | None = setting(None, "steps per part, or auto:P (P parts of equal compute); None: the "
-                                       "poster's cut, a part per level, the middle halved (32,16,16,32)",
+    parts: list | str | None = setting(None, "steps per part, or auto:P (P parts of equal compute); None: "
+                                       "the poster's cut, a part per level, the middle halved (32,16,16,32)",
                                        type=parse_parts)
     part_prior: str = setting("standard", "prior on an intermediate part's output: N(0, I) or a learned "
                               "diagonal Gaussian", choices=("standard", "learned"))
@@ -1275,6 +1275,11 @@ def train_pipeline(cfg, ckpt, rank, world, log):
     traffic = torch.zeros(4, dtype=torch.float64, device=device)
     pending = []  # the sends in flight: their buffers stay alive until they are received
 
+    def wait_for_sends():
+        for request in pending:
+            request.wait()
+        pending.clear()
+
     def count(t, peer, sent):
         direction = (0 if peer > rank else 1) if sent else (2 if peer < rank else 3)
         traffic[direction] += t.numel() * t.element_size()
@@ -1301,9 +1306,7 @@ def train_pipeline(cfg, ckpt, rank, world, log):
         loader = [(None,)] * steps if rank else batches(train_images, B, cfg.seed, epoch, cfg.num_workers)
         for batch, in loader:
             (log_prob,), carry = model.truncated(None, [rank], receive(batch))
-            for request in pending:  # the previous batch's sends are done: their buffers may go
-                request.wait()
-            pending = []
+            wait_for_sends()  # the previous batch's sends, before this batch's go out
             for t in carry if rank + 1 < world else []:  # forward only; nothing ever comes back
                 t = t.detach().contiguous()
                 count(t, rank + 1, sent=True)
@@ -1319,9 +1322,7 @@ def train_pipeline(cfg, ckpt, rank, world, log):
             optimizer.step()
             run.updates[rank] += 1
             loss_sum[rank] += loss.item()
-        for request in pending:
-            request.wait()
-        pending = []
+        wait_for_sends()
         dist.barrier()
         run.seconds += time.perf_counter() - t0
         run.steps += steps
