@@ -1,9 +1,11 @@
 """
 glow_parts.py: Glow trained in gradient-isolated parts with a truncated local objective.
 
-One file holds everything, in reading order: the flow's layers, Glow cut into parts and the truncated
-objective, the data, one training loop for every mechanism (full, alternate, sequential, parallel,
-+ end-to-end finetuning), the side-by-side experiment, the distributed variants, the CLI.
+The reference, in reading order: the flow's layers, Glow cut into parts and the truncated objective,
+the data, the settings, one training loop for every mechanism (full, alternate, sequential, parallel,
++ end-to-end finetuning), runs that resume exactly, the poster's side-by-side comparison, data
+parallel under torchrun, the CLI. Research that goes beyond it (the budget sweep over seeds, the
+pipeline of parts across processes, benchmarks) lives in experiments/ and imports this file.
 
 Quickstart (CPU, offline, about a minute; scikit-learn's bundled 8x8 digits):
     python glow_parts.py --dataset digits --levels 2 --steps 8 --hidden 64 --warmup 50 \
@@ -36,7 +38,8 @@ What differs from the paper (and the official code)
   - The top prior is a free mean / log-std per latent position (the official code runs a zero conv
     over a constant: the same family at init, fewer weights).
   - The split prior and coupling use contiguous channel halves (the official code interleaves).
-  - Bits/dim is measured with one uniform-noise dequantization sample, as in the paper's tables.
+  - Bits/dim is measured with one uniform-noise dequantization sample, as in the paper's tables;
+    every evaluation also reports the median image and the images that score worse than noise.
 """
 import argparse
 import copy
@@ -44,7 +47,6 @@ import fcntl
 import functools
 import glob
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -189,6 +191,10 @@ class Squeeze(nn.Module):
     def reverse(self, y):
         return F.pixel_shuffle(y, 2)
 
+def soft_bound(logs, bound):
+    """bound * tanh(logs / bound): the identity near 0, never beyond +-bound (None: unbounded)."""
+    return logs if bound is None else bound * torch.tanh(logs / bound)
+
 def gaussian_log_prob(z, mean, logs):
     """log N(z; mean, exp(logs)^2), summed over all but the batch dimension -> (B,)."""
     lp = -0.5 * (math.log(2 * math.pi) + 2 * logs + (z - mean) ** 2 * torch.exp(-2 * logs))
@@ -200,18 +206,22 @@ class Split(nn.Module):
     Not a bijection of one tensor, so its contract is its own:
     forward(x) -> (h, z, log p(z | h)); reverse(h, z) -> x, sampling z when it is None."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, bound=None):
         super().__init__()
         self.prior = ZeroConv2d(channels // 2, channels)  # h -> (mean, log std) of z; N(0, I) at init
+        self.bound = bound
+
+    def mean_logs(self, h):
+        mean, logs = self.prior(h).chunk(2, dim=1)
+        return mean, soft_bound(logs, self.bound)
 
     def forward(self, x):
         h, z = x.chunk(2, dim=1)
-        mean, logs = self.prior(h).chunk(2, dim=1)
-        return h, z, gaussian_log_prob(z, mean, logs)
+        return h, z, gaussian_log_prob(z, *self.mean_logs(h))
 
     def reverse(self, h, z=None, temperature=1.0):
         if z is None:
-            mean, logs = self.prior(h).chunk(2, dim=1)
+            mean, logs = self.mean_logs(h)
             z = mean + temperature * torch.exp(logs) * torch.randn_like(mean)
         return torch.cat([h, z], dim=1)
 
@@ -237,16 +247,6 @@ class GaussianPrior(nn.Module):
 # -----------------------------------------------------------------------------
 # Glow cut into gradient-isolated parts, and the truncated objective.
 
-def bits_per_dim(log_prob, x, n_bits):
-    """Discrete NLL in bits per dimension from the continuous log-density log p(x) (nats, (B,)).
-
-    x: the batch of images (or just D, the dimensions of one image).
-    Pixels are integers in n_bins = 2^n_bits bins of width 1/n_bins on [-0.5, 0.5]; with uniform
-    dequantization log P(bin) >= log p(x) - D * log(n_bins), so the bits/dim are
-    (-log p(x) + D log n_bins) / (D ln 2) = -log p(x) / (D ln 2) + n_bits."""
-    D = x if isinstance(x, int) else x[0].numel()
-    return -log_prob / (D * math.log(2)) + n_bits
-
 def default_parts(n_levels, n_steps):
     """The poster's cut: one part per level, the middle level (of an odd number) halved.
 
@@ -257,14 +257,42 @@ def default_parts(n_levels, n_steps):
         parts[mid:mid + 1] = [n_steps // 2, n_steps - n_steps // 2]
     return parts
 
+def step_macs(in_channels, image_size, n_levels, n_steps, hidden):
+    """Multiply-adds per image of each flow step's convolutions (a split's prior counts with its
+    level's last step): the cost model of a part is the sum over its steps."""
+    macs, C, S = [], in_channels, image_size
+    for level in range(n_levels):
+        C, S = 4 * C, S // 2
+        coupling = 9 * (C // 2) * hidden + hidden * hidden + 9 * hidden * C  # 3x3, 1x1, zero 3x3 convs
+        macs += [S * S * (C * C + coupling)] * n_steps  # + the invertible 1x1 conv
+        if level < n_levels - 1:
+            macs[-1] += S * S * 9 * (C // 2) * C
+            C //= 2
+    return macs
+
+def balanced_parts(n_parts, macs):
+    """--parts auto:P: cut the steps into P contiguous parts whose most expensive part is as cheap as
+    possible (exact: a dynamic programme over the last cut)."""
+    if not 1 <= n_parts <= len(macs):
+        raise ValueError(f"--parts auto:{n_parts} needs between 1 and {len(macs)} parts (a flow step each at most)")
+    prefix = [0, *itertools.accumulate(macs)]
+
+    @functools.cache
+    def best(i, p):  # (the cheapest largest part, its sizes) when the first i steps form p parts
+        if p == 1:
+            return prefix[i], [i]
+        cost, j = min((max(best(j, p - 1)[0], prefix[i] - prefix[j]), j) for j in range(p - 1, i))
+        return cost, best(j, p - 1)[1] + [i - j]
+    return best(len(macs), n_parts)[1]
+
 def check_parts(parts, n_levels, n_steps):
     """A parts spec (step counts per part, in flow order) as a list of ints, or ValueError."""
     parts = list(parts)
     if not parts or not all(type(p) is int and p > 0 for p in parts):
-        raise ValueError(f"parts must be a non-empty list of positive integers, got {parts}")
+        raise ValueError(f"--parts: want a non-empty list of positive integers, got {parts}")
     if sum(parts) != n_levels * n_steps:
-        raise ValueError(f"parts {parts} sum to {sum(parts)}, but the flow has "
-                         f"n_levels * n_steps = {n_levels} * {n_steps} = {n_levels * n_steps} steps")
+        raise ValueError(f"--parts {','.join(map(str, parts))} sum to {sum(parts)}, but the flow has "
+                         f"levels * steps = {n_levels} * {n_steps} = {n_levels * n_steps} steps")
     return parts
 
 def isolate(h, const):
@@ -325,7 +353,7 @@ class Glow(nn.Module):
     before training (ActNorm's data-dependent init); the training code does."""
 
     def __init__(self, in_channels=3, image_size=32, n_levels=3, n_steps=32, hidden=512, parts=None,
-                 n_bits=8, part_prior="standard"):
+                 n_bits=8, part_prior="standard", prior_bound=None):
         super().__init__()
         parts = check_parts(default_parts(n_levels, n_steps) if parts is None else parts, n_levels, n_steps)
         if image_size % 2 ** n_levels:
@@ -346,7 +374,7 @@ class Glow(nn.Module):
                 layers[owner[first + i]].append(FlowStep(C, hidden))
                 shapes[owner[first + i]] = (C, S, S)
             if level < n_levels - 1:
-                layers[owner[first + n_steps - 1]].append(Split(C))
+                layers[owner[first + n_steps - 1]].append(Split(C, prior_bound))
                 C //= 2
                 shapes[owner[first + n_steps - 1]] = (C, S, S)
         last = len(parts) - 1
@@ -365,54 +393,48 @@ class Glow(nn.Module):
         if pending:
             self(x)
 
-    def run_parts(self, h, start, stop):
-        """Parts start..stop-1 end to end: (h, split-off zs, sum of log-dets, sum of split log-priors)."""
-        zs, logdet, logp = [], h.new_zeros(h.shape[0]), h.new_zeros(h.shape[0])
-        for part in self.parts[start:stop]:
-            h, z, ld, lp = part(h)
-            zs += z
-            logdet, logp = logdet + ld, logp + lp
-        return h, zs, logdet, logp
-
     def forward(self, x):
-        """x (B, C, H, W), preprocessed -> (zs, logdet): latents (split-off first, final last), (B,)."""
-        h, zs, logdet, _ = self.run_parts(x, 0, len(self.parts))
-        return zs + [h], logdet
+        """x (B, C, H, W), preprocessed -> (zs, logdet, logpz), end to end: the latents (split-off
+        first, final last), log|det| of the whole map (B,), and the latents' log-density under the
+        priors (B,). So log p(x) = logdet + logpz, and gradients reach every part."""
+        zs, logdet, logpz = [], x.new_zeros(x.shape[0]), x.new_zeros(x.shape[0])
+        for part in self.parts:
+            x, z, ld, lp = part(x)
+            zs, logdet, logpz = zs + z, logdet + ld, logpz + lp
+        return zs + [x], logdet, logpz + self.parts[-1].prior.log_prob(x)
 
     def log_prob(self, x):
-        """log p(x) of the whole flow in nats, (B,), end to end: gradients reach every part."""
-        h, logdet, logp = x, x.new_zeros(x.shape[0]), x.new_zeros(x.shape[0])
-        for part in self.parts:
-            h, _, ld, lp = part(h)
-            logdet, logp = logdet + ld, logp + lp
-        return logdet + logp + self.parts[-1].prior.log_prob(h)
+        """log p(x) of the whole flow in nats, (B,)."""
+        _, logdet, logpz = self(x)
+        return logdet + logpz
 
-    def truncated(self, x, parts=None, carry=None):
-        """The flows truncated after each part k in `parts` (ascending; default all), in one pass.
-
-        Returns ([log p_k(x) in nats, (B,), for k in parts], carry after the last of them), where a
-        carry (h_k, const) is what part k+1 needs: its input and the constant terms of parts <= k.
-        Each log p_k(x) reaches only part k's parameters, so -log p_k(x) is part k's truncated
-        objective L_k. Parts before parts[0] run on x under no_grad (their terms are constants);
-        parts after parts[-1] do not run. A pipeline process passes the carry it received instead of x."""
+    def truncated(self, x, parts=None):
+        """[log p_k(x) in nats, (B,)] of the flows truncated after each part k in `parts` (ascending;
+        default all), in one pass. Each reaches only part k's parameters, so -log p_k(x) is part k's
+        truncated objective L_k. The parts before parts[0] run under no_grad (their terms are
+        constants for every learner); the parts after parts[-1] do not run."""
         parts = list(range(len(self.parts))) if parts is None else list(parts)
-        if carry is None:
-            with torch.no_grad():  # no graph for parts whose terms are constants for every learner
-                h, _, logdet, logp = self.run_parts(x, 0, parts[0])
-            carry = (h, logdet + logp)
-        log_probs = []
-        for k in range(parts[0], parts[-1] + 1):
-            h, const = isolate(*carry)
-            h, _, logdet, logp = self.parts[k](h)
-            if k in parts:
-                log_probs.append(const + logdet + logp + self.parts[k].prior.log_prob(h))
-            carry = (h, const + (logdet + logp))
-        return log_probs, carry
+        h, const, log_probs = x, x.new_zeros(x.shape[0]), []
+        for k in range(parts[-1] + 1):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and k >= parts[0]):
+                h, const = isolate(h, const)
+                h, _, logdet, logp = self.parts[k](h)
+                const = const + logdet + logp  # part k's own terms; the next part's isolate detaches them
+                if k in parts:
+                    log_probs.append(const + self.parts[k].prior.log_prob(h))
+        return log_probs
 
     def part_loss(self, x, k):
         """L_k: bits/dim (batch mean) of the flow truncated after part k; only part k gets gradients."""
-        (log_prob,), _ = self.truncated(x, [k])
-        return bits_per_dim(log_prob, x, self.n_bits).mean()
+        return self.bits_per_dim(self.truncated(x, [k])[0]).mean()
+
+    def bits_per_dim(self, log_prob):
+        """Discrete NLL in bits per dimension from the continuous log-density log p(x) (nats, (B,)).
+
+        Pixels are integers in n_bins = 2^n_bits bins of width 1/n_bins on [-0.5, 0.5]; with uniform
+        dequantization log P(bin) >= log p(x) - D * log(n_bins), so the bits/dim are
+        (-log p(x) + D log n_bins) / (D ln 2) = -log p(x) / (D ln 2) + n_bits."""
+        return -log_prob / (self.n_dims * math.log(2)) + self.n_bits
 
     def reverse(self, zs, temperature=1.0):
         """Exact inverse of forward; a None among the split-off latents is sampled at `temperature`."""
@@ -428,11 +450,17 @@ class Glow(nn.Module):
         h = self.parts[-1].prior.sample(n, temperature)
         return self.reverse([None] * self.n_splits + [h], temperature)
 
+def brute_logdet(fn, x):
+    """log|det J| of fn at one sample x (1, ...) from autograd's full Jacobian, where fn returns a list
+    of tensors: the oracle that the tests and the tutorial check every fast log-det against."""
+    flat = lambda v: torch.cat([t.flatten() for t in fn(v.view_as(x))])  # noqa: E731
+    return torch.linalg.slogdet(torch.autograd.functional.jacobian(flat, x.flatten()))[1]
+
 # -----------------------------------------------------------------------------
 # Data: whole datasets as uint8 tensors in memory, dequantized on the fly.
 
 class UsageError(Exception):
-    """Bad flags, data or environment: reported as one line on stderr, exit code 2."""
+    """Bad flags, data, checkpoint or run directory: the command says why in one line, exit code 2."""
 
 DATASETS = ("cifar10", "mnist", "fashion-mnist", "digits")
 NATIVE = {"cifar10": (3, 32), "mnist": (1, 28), "fashion-mnist": (1, 28), "digits": (1, 8)}  # C, size
@@ -458,6 +486,17 @@ def postprocess(x):
     """The flow's scale back to [0, 1] for saving images."""
     return (x + 0.5).clamp(0, 1)
 
+def idx_problem(path):
+    """What is wrong with an idx file (magic 2049 labels / 2051 images, then its sizes), or None."""
+    with open(path, "rb") as f:
+        magic = int.from_bytes(f.read(4), "big")
+        if magic not in (2049, 2051):
+            return "is not an idx file"
+        dims = [int.from_bytes(f.read(4), "big") for _ in range(magic - 2048)]
+    want = 4 + 4 * len(dims) + math.prod(dims)
+    size = os.path.getsize(path)
+    return None if size == want else f"has {size:,} bytes where its header promises {want:,}"
+
 def load_images(name, data_dir="./data", download=True):
     """(train, test) uint8 tensors (N, C, H, W) of a dataset.
 
@@ -472,16 +511,16 @@ def load_images(name, data_dir="./data", download=True):
     cls = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST,
            "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
     created = not os.path.exists(data_dir)
+    bad = [f"{path} {why}" for path in sorted(glob.glob(os.path.join(data_dir, cls.__name__, "raw", "*-ubyte")))
+           for why in [idx_problem(path)] if why]
     try:
+        if bad:
+            raise UsageError(bad[0])
         splits = [cls(data_dir, train=train, download=download) for train in (True, False)]
     except Exception as e:  # offline download, missing or corrupt files: torchvision raises many kinds
         if created:
             shutil.rmtree(data_dir, ignore_errors=True)  # leave no half-made tree behind
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        for path in sorted(glob.glob(os.path.join(data_dir, cls.__name__, "raw", "*-ubyte"))):
-            with open(path, "rb") as fh:  # an idx file starts with 2049 (labels) or 2051 (images)
-                if int.from_bytes(fh.read(4), "big") not in (2049, 2051):
-                    why = f"{path} is not an idx file"
         raise UsageError(f"could not load {name} ({why}); put it in {data_dir}/{WHERE[name]}, "
                          f"or try the offline --dataset digits") from None
     out = []
@@ -508,99 +547,113 @@ def batches(images, batch_size, seed, epoch, num_workers=0):
 
 def eval_batches(images, batch_size, n_bits, device):
     """The test batches, dequantized with noise from a fixed generator: every evaluation of every
-    run (and of the pipeline) sees the same noisy test set."""
+    run sees the same noisy test set."""
     generator = torch.Generator(device=device).manual_seed(0)
     for i in range(0, len(images), batch_size):
         yield preprocess(images[i:i + batch_size].to(device), n_bits, generator=generator)
 
 # -----------------------------------------------------------------------------
-# Training: one loop for every mechanism; a schedule says which parts learn on each step.
+# The settings of a run. Each is a command-line flag; every Config is checked here, wherever it
+# comes from (flags, a checkpoint, code), so a bad value is one line naming its flag.
 
 MODES = ("full", "alternate", "sequential", "parallel")
 END_TO_END = ("full", "finetune")  # the phases that backpropagate the whole flow's bits/dim
 
-def number(low, high=None, kind=int):
-    """An argparse type: an int in [low, high], or a finite float in (low, high)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"want {kind.__name__}, got {text!r}") from None
-        top = math.inf if high is None else high
-        if not (low <= value <= top if kind is int else low < value < top):  # nan fails too
-            bounds = f"[{low}, {top}]" if kind is int else f"({low}, {top})"
-            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
-        return value
-    return parse
+def setting(default, help, kind, low=None, high=None, choices=None, action=None, many=False):
+    """A Config field and its check: kind (of each item, where `many` allows a list), range (closed
+    for ints, open for floats), choices. `action`: argparse's, for on/off flags."""
+    return field(default=default, metadata=dict(help=help, kind=kind, low=low, high=high, choices=choices,
+                                                action=action, many=many))
 
-def parse_parts(text):
-    """--parts: step counts like 32,16,16,32, or auto:P (P parts of equal multiply-adds)."""
-    try:
-        return f"auto:{int(text[5:])}" if text.startswith("auto:") else [int(p) for p in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"want step counts like 32,16,16,32 or auto:P, got {text!r}") \
-            from None
-
-def parse_rates(text):
-    return [number(0.0, kind=float)(v) for v in text.split(",")]
-
-def setting(default, help, **argparse_kwargs):
-    """A Config field that is also the command-line flag --its-name."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+def check_setting(f, value):
+    """ValueError naming the flag if value is not a valid setting for Config field f."""
+    m, name = f.metadata, "--" + f.name.replace("_", "-")
+    if isinstance(value, list) and not (m["many"] and value):
+        raise ValueError(f"{name}: want one {m['kind'].__name__}" + " or a list"* m["many"] + f", got {value!r}")
+    for v in value if isinstance(value, list) else [value]:
+        kind = m["kind"]
+        if not isinstance(v, {float: (int, float)}.get(kind, kind)) or isinstance(v, bool) != (kind is bool):
+            raise ValueError(f"{name}: want {kind.__name__}, got {v!r}")
+        low, high = m["low"], math.inf if m["high"] is None else m["high"]
+        if kind is int and low is not None and not low <= v <= high:
+            raise ValueError(f"{name}: must be in [{low}, {high}], got {v}")
+        if kind is float and low is not None and not low < v < high:  # nan fails too
+            raise ValueError(f"{name}: must be in ({low}, {high}), got {v}")
+        if kind is str and (not v or m["choices"] and v not in m["choices"]):
+            raise ValueError(f"{name}: want " + (f"one of {', '.join(m['choices'])}" if m["choices"]
+                                                 else "a non-empty value") + f", got {v!r}")
 
 @dataclass
 class Config:
     """A run's settings, each one a command-line flag; checkpoints store the whole Config."""
-    mode: str = setting("alternate", "training mechanism (under torchrun, parallel runs one part per "
-                        "process; the others run data parallel)", choices=MODES)
-    epochs: int = setting(60, "epochs of the mechanism", type=number(0))
-    finetune: int = setting(0, "end-to-end epochs after the mechanism's epochs", type=number(0))
-    dataset: str = setting("cifar10", "the images", choices=DATASETS)
-    data_dir: str = setting("./data", "torchvision datasets are read from / downloaded to here")
-    image_size: int | None = setting(None, "resize to this size; None: native", type=number(1, 1024))
-    n_bits: int | None = setting(None, "bits per pixel kept; None: 8, or 4 for digits", type=number(1, 8))
-    subset: int | None = setting(None, "train on the first N training images; None: all", type=number(1))
-    levels: int = setting(3, "L, levels of the multi-scale flow", type=number(1))
-    steps: int = setting(32, "K, flow steps per level", type=number(1))
-    hidden: int = setting(512, "channels of the coupling networks", type=number(1))
-    parts: list | str | None = setting(None, "steps per part, or auto:P (P parts of equal compute); None: "
-                                       "the poster's cut, a part per level, the middle halved (32,16,16,32)",
-                                       type=parse_parts)
+    mode: str = setting("alternate", "training mechanism", str, choices=MODES)
+    epochs: int = setting(60, "epochs of the mechanism", int, 0)
+    finetune: int = setting(0, "end-to-end epochs after the mechanism's epochs", int, 0)
+    dataset: str = setting("cifar10", "the images", str, choices=DATASETS)
+    data_dir: str = setting("./data", "torchvision datasets are read from / downloaded to here", str)
+    image_size: int | None = setting(None, "resize to this size; None: native", int, 1, 1024)
+    n_bits: int | None = setting(None, "bits per pixel kept; None: 8, or 4 for digits", int, 1, 8)
+    subset: int | None = setting(None, "train on the first N training images; None: all", int, 1)
+    levels: int = setting(3, "L, levels of the multi-scale flow", int, 1, 10)
+    steps: int = setting(32, "K, flow steps per level", int, 1)
+    hidden: int = setting(512, "channels of the coupling networks", int, 1)
+    parts: list | str | None = setting(None, "steps per part, or auto:P (P parts of equal compute); None: the "
+                                       "poster's cut, a part per level, the middle halved (32,16,16,32)", int, 1,
+                                       many=True)
     part_prior: str = setting("standard", "prior on an intermediate part's output: N(0, I) or a learned "
-                              "diagonal Gaussian", choices=("standard", "learned"))
-    batch_size: int = setting(64, "images per step (the global batch under torchrun)", type=number(1))
-    lr: float = setting(1e-3, "Adam learning rate of every part", type=number(0.0, kind=float))
-    part_lr: list | None = setting(None, "one rate per part instead, e.g. 1e-3,2e-3,2e-3,1e-3",
-                                   type=parse_rates)
-    warmup: int | None = setting(None, "linear warmup, in each part's own updates; None: a tenth of each "
-                                 "part's updates in the run, at most 500", type=number(1))
-    alternate_every: int = setting(1, "steps per turn in alternate mode", type=number(1))
+                              "diagonal Gaussian", str, choices=("standard", "learned"))
+    prior_bound: float | None = setting(None, "bound the split priors' log-std to (-B, B) by B tanh(./B); "
+                                        "None: unbounded (the paper)", float, 0.0)
+    batch_size: int = setting(64, "images per step (the global batch under torchrun)", int, 1)
+    lr: float | list = setting(1e-3, "Adam learning rate, or one per part (1e-3,2e-3,2e-3,1e-3)", float, 0.0,
+                               many=True)
+    warmup: int | None = setting(None, "linear warmup over each part's first N updates; None: the steps of "
+                                 "an epoch / the parts, at most 500", int, 1)
+    alternate_every: int = setting(1, "steps per turn in alternate mode", int, 1)
     compile: bool | None = setting(None, "torch.compile every part; None: on a GPU (it pays at once), not on "
-                                   "a CPU (it takes minutes)", action=argparse.BooleanOptionalAction)
+                                   "a CPU (it takes minutes)", bool, action=argparse.BooleanOptionalAction)
     recompute: bool = setting(False, "memory-saving gradients: keep each flow step's input only and run it "
-                              "again in backward (torch.utils.checkpoint)", action="store_true")
+                              "again in backward (torch.utils.checkpoint)", bool, action="store_true")
     ema: float | None = setting(None, "Polyak averaging: decay of the weights' moving average, which "
-                                "evaluates, samples, is saved; None: off", type=number(0.0, 1.0, float))
-    seed: int = setting(0, "weights, data order and noise all follow from it", type=number(0, 2 ** 32 - 1))
-    device: str | None = setting(None, "cpu, cuda, cuda:1, mps; None: cuda if there is one")
-    num_workers: int = setting(0, "DataLoader worker processes", type=number(0))
-    out: str | None = setting(None, "run directory; None: runs/<dataset>-<mode> (or -compare, -sweep)")
+                                "evaluates, samples, is saved; None: off", float, 0.0, 1.0)
+    seed: int = setting(0, "weights, data order and noise all follow from it", int, 0, 2 ** 32 - 1)
+    device: str | None = setting(None, "cpu, cuda, cuda:1, mps; None: cuda if there is one", str)
+    num_workers: int = setting(0, "DataLoader worker processes", int, 0)
+    out: str | None = setting(None, "run directory; None: runs/<dataset>-<mode> (or -compare)", str)
 
-    def __post_init__(self):  # the settings whose default depends on others
+    def __post_init__(self):
+        """Check every setting (ValueError naming its flag); fill the defaults that depend on others."""
+        auto = self.parts if isinstance(self.parts, str) else None  # auto:P, P parts of equal multiply-adds
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if (value is not None or f.default is not None) and not (f.name == "parts" and auto):
+                check_setting(f, value)
         channels, native = NATIVE[self.dataset]
         self.image_size = self.image_size or native
         self.n_bits = self.n_bits or (4 if self.dataset == "digits" else 8)
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.compile = self.device.startswith("cuda") if self.compile is None else self.compile
-        if self.parts is None:
-            self.parts = default_parts(self.levels, self.steps)
-        elif isinstance(self.parts, str):  # auto:P
+        if auto is not None:
+            if not (auto.startswith("auto:") and auto[5:].isdigit()):
+                raise ValueError(f"--parts: want step counts like 32,16,16,32 or auto:P, got {auto!r}")
             macs = step_macs(channels, self.image_size, self.levels, self.steps, self.hidden)
-            self.parts = balanced_parts(int(self.parts[5:]), macs)
+            self.parts = balanced_parts(int(auto[5:]), macs)
+        self.parts = check_parts(self.parts or default_parts(self.levels, self.steps), self.levels, self.steps)
+        if self.image_size % 2 ** self.levels:
+            fit = 2 ** self.levels * max(1, round(self.image_size / 2 ** self.levels))
+            raise ValueError(f"--image-size {self.image_size} is not divisible by 2^levels = {2 ** self.levels};"
+                             f" pass --image-size {fit}, say")
+        self.lr = self.lr if isinstance(self.lr, list) else [self.lr]
+        self.lr = self.lr * len(self.parts) if len(self.lr) == 1 else self.lr
+        if len(self.lr) != len(self.parts):
+            raise ValueError(f"--lr gives {len(self.lr)} rates for {len(self.parts)} parts")
+
+# -----------------------------------------------------------------------------
+# Training: one loop for every mechanism; a schedule says which parts learn on each step.
 
 @dataclass
 class Run:
-    """A run between steps: everything its checkpoint holds, and this process's step times."""
+    """A run between steps: everything its checkpoint holds."""
     cfg: Config
     model: Glow
     optimizers: list  # one Adam per part
@@ -610,7 +663,7 @@ class Run:
     steps: int = 0
     history: list = field(default_factory=list)  # one metrics dict per finished epoch
     ema: Glow | None = None  # the moving average of the weights (--ema)
-    step_seconds: dict = field(default_factory=dict)  # {learning parts: [s, ...]}, not checkpointed
+    owner: str | None = None  # the experiment directory whose run this is; None: a run of its own
 
 def learning_parts(phase, step, phase_steps, n_parts, every=1):
     """The parts that learn on `step` of a phase.
@@ -629,18 +682,33 @@ def phase_of(cfg, epoch, steps_per_epoch):
         return cfg.mode, (epoch - 1) * steps_per_epoch, cfg.epochs * steps_per_epoch
     return "finetune", (epoch - 1 - cfg.epochs) * steps_per_epoch, cfg.finetune * steps_per_epoch
 
-def warmed_up(lr, updates, warmup):
-    """Linear warmup over a part's own first `warmup` updates."""
-    return lr * min(1.0, (updates + 1) / warmup)
-
 def make_optimizers(model):
     """One Adam per part: a part keeps its moments and step count while it waits for its turn."""
     device = next(model.parameters()).device
     fused = device.type in ("cpu", "cuda")  # one kernel for all of a part's parameters
     return [torch.optim.Adam(part.parameters(), fused=fused) for part in model.parts]
 
-class NonFiniteLoss(Exception):
-    """A step produced a non-finite loss: the run stops, the last good checkpoint stays."""
+def losses(model, x, phase, learning):
+    """What a step of `phase` backpropagates. full and finetune: the whole flow's bits/dim, one
+    gradient for every part. The others: each learning part's truncated loss L_k, which reaches
+    only part k (parallel: every part's; their sum's gradient gives each part its own)."""
+    if phase in END_TO_END:
+        _, logdet, logpz = model(x)
+        return [model.bits_per_dim(logdet + logpz).mean()]
+    return [model.bits_per_dim(log_prob).mean() for log_prob in model.truncated(x, learning)]
+
+def step_parts(run, learning):
+    """Step the learning parts' Adams, each at its own rate, warmed up linearly over the part's own
+    first cfg.warmup updates. The other parts' Adams keep their moments until their turn."""
+    for k in learning:
+        for group in run.optimizers[k].param_groups:
+            group["lr"] = run.cfg.lr[k] * min(1.0, (run.updates[k] + 1) / run.cfg.warmup)
+        run.optimizers[k].step()
+        run.updates[k] += 1
+
+class RunStopped(Exception):
+    """The run cannot go on (a non-finite loss, a failed write, a lost peer): the last good
+    checkpoint stays, and the message says which."""
 
 def train(run, data, log=print, shard=slice(None)):
     """Train run.cfg's mechanism, then its finetuning, from run's epoch to epochs + finetune.
@@ -649,9 +717,8 @@ def train(run, data, log=print, shard=slice(None)):
     loss that step backpropagates. `shard`: the rows of each batch this process trains on (all of
     them, except under data parallel). Returns run; writes into run.cfg.out when it is set."""
     from tqdm import tqdm
-    cfg, model, optimizers = run.cfg, run.model, run.optimizers
+    cfg, model = run.cfg, run.model
     device, n_parts = torch.device(cfg.device), len(model.parts)
-    lrs, warmup = cfg.part_lr or [cfg.lr] * n_parts, cfg.warmup
     params, averages = list(model.parameters()), list(run.ema.parameters()) if run.ema else None
     train_images, test_images = data
     steps_per_epoch = len(train_images) // cfg.batch_size
@@ -663,27 +730,18 @@ def train(run, data, log=print, shard=slice(None)):
         t_epoch = time.perf_counter()
         loader = batches(train_images, cfg.batch_size, cfg.seed, epoch, cfg.num_workers)
         for i, (batch,) in enumerate(tqdm(loader, desc=f"epoch {epoch} {phase}", leave=False, disable=None)):
-            t_step = time.perf_counter()
             x = preprocess(batch.to(device, non_blocking=True), cfg.n_bits)[shard]
             learning = learning_parts(phase, first_step + i, phase_steps, n_parts, cfg.alternate_every)
-            if phase in END_TO_END:  # full, finetune: the whole flow's bits/dim, one gradient for all
-                losses = [bits_per_dim(model.log_prob(x), x, cfg.n_bits).mean()]
-            else:  # each learning part's own truncated loss L_k (parallel: every part's, summed)
-                log_probs, _ = model.truncated(x, learning)
-                losses = [bits_per_dim(log_prob, x, cfg.n_bits).mean() for log_prob in log_probs]
-            values = [loss.item() for loss in losses]
+            step_losses = losses(model, x, phase, learning)
+            values = [loss.item() for loss in step_losses]
             owners = [n_parts - 1] if phase in END_TO_END else learning  # the part each value belongs to
             if not all(math.isfinite(v) for v in values):
                 k = first_nonfinite_part(model, x, owners, values)
-                raise NonFiniteLoss(f"non-finite loss in part {k} of {n_parts} at epoch {epoch} ({phase}), "
-                                    f"step {i}; {checkpoint_note(cfg.out)}")
+                raise RunStopped(f"non-finite loss in part {k} of {n_parts} at epoch {epoch} ({phase}), "
+                                 f"step {i}; {checkpoint_note(cfg.out)}")
             model.zero_grad(set_to_none=True)
-            sum(losses).backward()
-            for k in learning:  # only the learning parts step, each at its own warmed-up rate
-                for group in optimizers[k].param_groups:
-                    group["lr"] = warmed_up(lrs[k], run.updates[k], warmup)
-                optimizers[k].step()
-                run.updates[k] += 1
+            sum(step_losses).backward()
+            step_parts(run, learning)  # only the learning parts step
             if run.ema:  # Polyak averaging; the decay grows from 0.1 so the average starts near the weights
                 with torch.no_grad():
                     decay = min(cfg.ema, (1 + run.steps) / (10 + run.steps))
@@ -691,58 +749,63 @@ def train(run, data, log=print, shard=slice(None)):
             run.steps += 1
             for k, v in zip(owners, values):
                 loss_sums[k], loss_counts[k] = loss_sums[k] + v, loss_counts[k] + 1
-            if phase != "finetune":
-                sync(device)
-                run.step_seconds.setdefault(tuple(learning), []).append(time.perf_counter() - t_step)
         sync(device)
         run.seconds += time.perf_counter() - t_epoch
-        test_bpd, part_bpd = evaluate(run.ema or model, test_images, cfg.batch_size, device)
-        raw_bpd = evaluate(model, test_images, cfg.batch_size, device)[0] if run.ema else None
+        test = evaluate(run.ema or model, test_images, cfg.batch_size, device)
+        raw_bpd = evaluate(model, test_images, cfg.batch_size, device)["test_bpd"] if run.ema else None
         train_parts = [s / c if c else None for s, c in zip(loss_sums, loss_counts)]
-        finish_epoch(run, epoch, phase, train_parts, test_bpd, part_bpd, log, raw_bpd)
+        finish_epoch(run, epoch, phase, train_parts, test, log, raw_bpd)
     return run
 
 @torch.no_grad()
 def first_nonfinite_part(model, x, owners, values):
     """The first part (1-based) whose truncated loss on x is not finite: where a failure starts, even
     when a later part's loss is the one that showed it; else the first part whose value was."""
-    log_probs, _ = model.truncated(x)
-    bad = [k for k, lp in enumerate(log_probs) if not torch.isfinite(lp).all()]
+    bad = [k for k, lp in enumerate(model.truncated(x)) if not torch.isfinite(lp).all()]
     bad += [k for k, v in zip(owners, values) if not math.isfinite(v)]
     return bad[0] + 1
 
 @torch.no_grad()
 def evaluate(model, images, batch_size, device):
-    """(full-model bits/dim, [bits/dim of the flow truncated after each part]) over all of `images`,
-    with the same dequantization noise at every evaluation (eval_batches)."""
+    """The test metrics of model over all of `images`, with the same dequantization noise at every
+    evaluation (eval_batches): the mean bits/dim of the full model (test_bpd, the paper's metric) and
+    of the flow truncated after each part (part_losses), and what the mean rests on: the median
+    image, the images that score worse than uniform noise on the cube (above n_bits bits/dim: how
+    many, and the first 20), and whether the mean lies above the 99th percentile of the images'
+    scores, which only the worst 1 % can do (dominated: a few images make the mean)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(len(model.parts), dtype=torch.float64, device=device)
+    per_image = []
     for x in eval_batches(images, batch_size, model.n_bits, device):
-        log_probs, _ = model.truncated(x)
-        totals += torch.stack([bits_per_dim(lp, x, model.n_bits).double().sum() for lp in log_probs])
+        bpd = torch.stack([model.bits_per_dim(lp).double() for lp in model.truncated(x)])  # (parts, B)
+        totals += bpd.sum(1)
+        per_image.append(bpd[-1])
     model.train(was_training)
-    part_bpd = (totals / len(images)).tolist()
-    return part_bpd[-1], part_bpd
+    part_bpd, bpd = (totals / len(images)).tolist(), torch.cat(per_image).cpu()
+    worse = torch.nonzero(~(bpd <= model.n_bits)).flatten()  # nan counts as worse
+    return {"test_bpd": part_bpd[-1], "part_losses": part_bpd, "test_median_bpd": bpd.median().item(),
+            "test_outliers": len(worse), "test_outlier_ids": worse[:20].tolist(),
+            "test_dominated": bool(part_bpd[-1] > torch.quantile(bpd, 0.99).item())}
 
 def sync(device):
     """Wait for the device, so that a clock read afterwards times work that has really finished."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-def finish_epoch(run, epoch, phase, train_parts, test_bpd, part_bpd, log, raw_bpd=None):
+def finish_epoch(run, epoch, phase, train_parts, test, log, raw_bpd=None):
     """Record and print the epoch's metrics; write samples, checkpoint and metrics.jsonl.
 
-    With --ema, test_bpd and part_bpd are the averaged weights' and raw_bpd the raw weights'."""
+    test: evaluate()'s metrics; with --ema, the averaged weights', and raw_bpd the raw weights'."""
+    test_bpd, part_bpd = test["test_bpd"], test["part_losses"]
     if not math.isfinite(test_bpd):
         k = next(k for k, v in enumerate(part_bpd) if not math.isfinite(v))
-        raise NonFiniteLoss(f"non-finite test bits/dim in part {k + 1} of {len(part_bpd)} at epoch {epoch} "
-                            f"({phase}); {checkpoint_note(run.cfg.out)}")
+        raise RunStopped(f"non-finite test bits/dim in part {k + 1} of {len(part_bpd)} at epoch {epoch} "
+                         f"({phase}); {checkpoint_note(run.cfg.out)}")
     run.epoch = epoch
     metrics = {"epoch": epoch, "phase": phase,
                "train_bpd": train_parts[-1],  # mean over the epoch's steps that ran the whole flow
-               "test_bpd": test_bpd, "part_losses": part_bpd,
-               "train_part_losses": None if phase in END_TO_END else train_parts,
+               **test, "train_part_losses": None if phase in END_TO_END else train_parts,
                "seconds": run.seconds, "steps": run.steps}
     if raw_bpd is not None:
         metrics["raw_test_bpd"] = raw_bpd
@@ -750,14 +813,16 @@ def finish_epoch(run, epoch, phase, train_parts, test_bpd, part_bpd, log, raw_bp
     train_txt = f"{train_parts[-1]:.3f}" if train_parts[-1] is not None else "  -  "
     log(f"epoch {epoch:3d} | {phase:10s} | train {train_txt} | test {test_bpd:.3f} | parts "
         + " ".join(f"{v:.3f}" for v in part_bpd) + f" | {run.seconds:7.1f} s"
-        + (f" | raw weights {raw_bpd:.3f}" if raw_bpd is not None else ""))
+        + (f" | raw weights {raw_bpd:.3f}" if raw_bpd is not None else "")
+        + (f" | a few images make the mean: median {test['test_median_bpd']:.3f}, {test['test_outliers']} "
+           f"above {run.model.n_bits} bits/dim" if test["test_dominated"] else ""))
     out = run.cfg.out
     if out:
         from torchvision.utils import save_image
-        os.makedirs(out, exist_ok=True)
         samples = postprocess((run.ema or run.model).sample(64, temperature=0.7)).float().cpu()
         samples = F.interpolate(samples, scale_factor=max(1, 64 // samples.shape[-1]))  # big enough to see
-        save_image(samples, os.path.join(out, f"samples_{epoch:03d}.png"), nrow=8, padding=4)
+        write_atomic(os.path.join(out, f"samples_{epoch:03d}.png"),
+                     lambda tmp: save_image(samples, tmp, format="png", nrow=8, padding=4))
         save_checkpoint(run, os.path.join(out, "checkpoint.pt"))
 
         def write_metrics(path):  # after the checkpoint: it never holds an epoch a resume would redo
@@ -765,12 +830,13 @@ def finish_epoch(run, epoch, phase, train_parts, test_bpd, part_bpd, log, raw_bp
                 f.writelines(json.dumps(m) + "\n" for m in run.history)
         write_atomic(os.path.join(out, "metrics.jsonl"), write_metrics)
 
-# --- runs: build, checkpoint, resume
+# -----------------------------------------------------------------------------
+# Runs: build, checkpoint (atomic, checked whole), resume exactly.
 
 def build_model(cfg):
     torch.manual_seed(cfg.seed)
     model = Glow(NATIVE[cfg.dataset][0], cfg.image_size, cfg.levels, cfg.steps, cfg.hidden, cfg.parts,
-                 cfg.n_bits, cfg.part_prior).to(cfg.device, memory_format=torch.channels_last)
+                 cfg.n_bits, cfg.part_prior, cfg.prior_bound).to(cfg.device, memory_format=torch.channels_last)
     if cfg.compile:  # a graph per part, grad mode and batch size, all sharing Part.forward's code
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(model.parts))
     for part in model.parts:
@@ -782,9 +848,9 @@ def build_model(cfg):
 def prepare_data(cfg):
     """(train, test) uint8 images of the dataset named in cfg, subset and resized."""
     train_images, test_images = load_images(cfg.dataset, cfg.data_dir)
-    if cfg.subset:
-        train_images = train_images[:cfg.subset]
-    return resize(train_images, cfg.image_size), resize(test_images, cfg.image_size)
+    if cfg.subset and cfg.subset > len(train_images):
+        raise UsageError(f"--subset {cfg.subset}: {cfg.dataset} has only {len(train_images)} training images")
+    return resize(train_images[:cfg.subset], cfg.image_size), resize(test_images, cfg.image_size)
 
 def write_atomic(path, write):
     """write(temporary path), then rename it onto path: a reader (or a resume) sees the old file or
@@ -794,8 +860,12 @@ def write_atomic(path, write):
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp) and not os.path.isdir(tmp):
             os.remove(tmp)
+
+CHECKPOINT = {"config": dict, "model": dict, "optimizers": list, "updates": list, "epoch": int,
+              "seconds": float, "steps": int, "history": list, "rng": dict, "ema": (dict, type(None)),
+              "owner": (str, type(None))}  # what a checkpoint holds, and the type of each
 
 def save_checkpoint(run, path):
     """Everything a resume needs: the config, weights, every part's Adam, counters, RNG, metrics."""
@@ -805,42 +875,51 @@ def save_checkpoint(run, path):
     state = {"config": asdict(run.cfg), "model": run.model.state_dict(),
              "optimizers": [o.state_dict() for o in run.optimizers], "updates": run.updates,
              "epoch": run.epoch, "seconds": run.seconds, "steps": run.steps, "history": run.history,
-             "rng": rng, "ema": run.ema.state_dict() if run.ema else None}
+             "rng": rng, "ema": run.ema.state_dict() if run.ema else None, "owner": run.owner}
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 def load_checkpoint(path):
-    """The checkpoint at path, its keys and config checked (start_run checks the weights): UsageError."""
+    """The checkpoint at path, its fields, types and config checked (start_run checks the weights
+    against the config): UsageError naming what is wrong."""
     if not os.path.isfile(path):
         raise UsageError(f"--resume: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"--resume: checkpoint {path} is corrupt or unreadable ({type(e).__name__})") \
-            from None
-    keys = ("config", "model", "optimizers", "updates", "epoch", "seconds", "steps", "history", "rng", "ema")
-    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise UsageError(f"--resume: checkpoint {path} lacks {', '.join(missing)}")
+        raise UsageError(f"--resume: checkpoint {path} is corrupt or unreadable ({type(e).__name__})") from None
+    wrong = [k for k, kind in CHECKPOINT.items() if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k, ...), kind)]
+    wrong += [k for k in ("updates", "history") if k not in wrong and not all(
+        isinstance(v, int if k == "updates" else dict) for v in ckpt[k])]
+    wrong += ["rng"] if "rng" not in wrong and not isinstance(ckpt["rng"].get("cpu"), torch.ByteTensor) else []
+    if wrong:
+        raise UsageError(f"--resume: checkpoint {path} lacks or has a malformed {', '.join(wrong)}")
     odd = sorted({f.name for f in fields(Config)} ^ set(ckpt["config"]))
     if odd:
         raise UsageError(f"--resume: the config in {path} lacks or has unknown settings: {', '.join(odd)}")
+    try:
+        Config(**ckpt["config"])
+    except ValueError as e:
+        raise UsageError(f"--resume: the config in {path} is not valid ({e})") from None
     return ckpt
 
 def checkpoint_note(out):
     """The truth about what a stopped run leaves behind, for its last message."""
     path = os.path.join(out or "", "checkpoint.pt")
-    if not out or not os.path.isfile(path):
+    runs = sorted(glob.glob(os.path.join(glob.escape(out or ""), "**", "checkpoint.pt"), recursive=True))
+    if not out or not runs:
         return "no checkpoint was written"
+    if path not in runs:
+        return f"the last checkpoint of each of its {len(runs)} runs under {out} is kept"
     try:
         epoch = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["epoch"]
     except Exception:  # this is an error path already: say what is there, raise nothing new
         return f"{path} is kept, but it cannot be read"
     return f"the checkpoint of epoch {epoch} in {out} is kept"
 
-def default_warmup(cfg, steps_per_epoch):
-    """A tenth of the updates each part gets when the parts take turns, at most 500 (CIFAR-10's)."""
-    steps = (cfg.epochs + cfg.finetune) * steps_per_epoch
-    return max(1, min(500, steps // len(cfg.parts) // 10))
+def default_warmup(n_parts, steps_per_epoch):
+    """The updates one part gets in an epoch when the parts take turns (an epoch's steps / the parts),
+    at most 500 (CIFAR-10's in the official code). Known at the start, the same however long the run."""
+    return max(1, min(500, steps_per_epoch // n_parts))
 
 def start_run(cfg, data=None, init_state=None, ckpt=None):
     """(run before its first step, (train, test) images): fresh, or restored from ckpt.
@@ -859,18 +938,17 @@ def start_run(cfg, data=None, init_state=None, ckpt=None):
                                  f"update counts for {len(model.parts)} parts")
             for optimizer, state in zip(run.optimizers, ckpt["optimizers"]):
                 optimizer.load_state_dict(state)
+            torch.set_rng_state(ckpt["rng"]["cpu"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             detail = next(line.strip() for line in str(e).splitlines()[1:] + [str(e)] if line.strip())
             raise UsageError(f"--resume: the checkpoint does not fit its config ({detail})") from None
-        for key in ("updates", "epoch", "seconds", "steps", "history"):
+        for key in ("updates", "epoch", "seconds", "steps", "history", "owner"):
             setattr(run, key, ckpt[key])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
     train_images, test_images = data if data is not None else prepare_data(cfg)
     if len(train_images) < cfg.batch_size:
-        raise UsageError(f"batch size {cfg.batch_size} is larger than the {len(train_images)} "
-                         f"training images")
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(train_images)} training images")
     if not ckpt:
         if init_state is not None:
             model.load_state_dict(init_state)
@@ -879,12 +957,19 @@ def start_run(cfg, data=None, init_state=None, ckpt=None):
         model.initialize(first)
         torch.manual_seed(cfg.seed)  # every mechanism sees the same dequantization noise
         if cfg.warmup is None:
-            run.cfg = replace(cfg, warmup=default_warmup(cfg, len(train_images) // cfg.batch_size))
+            run.cfg = replace(cfg, warmup=default_warmup(len(cfg.parts), len(train_images) // cfg.batch_size))
     if cfg.ema:
         run.ema = copy.deepcopy(model)
         if ckpt:
             run.ema.load_state_dict(ckpt["ema"])
     return run, (train_images, test_images)
+
+def load_model(out):
+    """The model of the run in directory out, as its last checkpoint has it (the averaged weights with --ema)."""
+    ckpt = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    model = build_model(replace(Config(**ckpt["config"]), compile=False))
+    model.load_state_dict(ckpt["ema"] or ckpt["model"])
+    return model
 
 def weights_hash(model):
     """A short hash of every parameter and buffer: equal hashes mean identical weights."""
@@ -895,22 +980,26 @@ def weights_hash(model):
     return h.hexdigest()[:16]
 
 # -----------------------------------------------------------------------------
-# Experiment: the mechanisms side by side from the same start; what one step costs.
+# The poster's experiment: the mechanisms side by side from the same start, and what a step costs.
 
 def mechanism_steps(mode, n_parts):
     """The kinds of step a mechanism takes, read off its schedule (learning_parts) over one turn each."""
     turns = [learning_parts(mode, step, n_parts, n_parts) for step in range(n_parts)]
     return [list(k) for k in dict.fromkeys(map(tuple, turns))]
 
-def measure_step(model, x, mode, learning):
-    """What one step holds and sends: (activation bytes, boundary backward bytes, CUDA peak bytes).
+def measure_step(model, x, phase, learning, repeats=3):
+    """What one training step holds, sends and takes, on a copy of model: (activation bytes, boundary
+    backward bytes, CUDA peak bytes or None, median seconds of `repeats` steps after the measured one).
 
+    The steps are the loop's: losses(), backward, the learning parts' Adams.
     activation bytes: storage of the tensors autograd saves for backward (parameters excluded; with
     --recompute, what torch.utils.checkpoint keeps: each step's input).
     boundary bytes: gradient that flows backwards into a part's input from the part after it,
     counted by a hook on each part's input that fires only if a gradient really arrives there."""
+    model = copy.deepcopy(model)
+    optimizers = make_optimizers(model)
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved, crossing = {}, [0]
+    saved, crossing, seconds = {}, [0], []
 
     def pack(t):
         storage = t.untyped_storage()
@@ -925,209 +1014,110 @@ def measure_step(model, x, mode, learning):
         if args[0].requires_grad:
             args[0].register_hook(count)
 
-    hooks = [part.register_forward_pre_hook(watch_input) for part in model.parts[1:]]
-    cuda = x.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(x.device)
-        torch.cuda.reset_peak_memory_stats(x.device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if mode in END_TO_END:  # the same two losses as train()'s loop
-            loss = bits_per_dim(model.log_prob(x), x, model.n_bits).mean()
-        else:
-            loss = sum(bits_per_dim(lp, x, model.n_bits).mean() for lp in model.truncated(x, learning)[0])
-    loss.backward()
-    peak = torch.cuda.max_memory_allocated(x.device) if cuda else None
-    for h in hooks:
-        h.remove()
-    model.zero_grad(set_to_none=True)
-    return sum(saved.values()), crossing[0], peak
+    cuda, peak = x.device.type == "cuda", None
+    for i in range(repeats + 1):  # the first step is measured (and warms up); the others are timed
+        hooks = [part.register_forward_pre_hook(watch_input) for part in model.parts[1:]] if i == 0 else []
+        if cuda:
+            torch.cuda.synchronize(x.device)
+            torch.cuda.reset_peak_memory_stats(x.device)
+        t0 = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack if i == 0 else (lambda t: t), lambda t: t):
+            step_losses = losses(model, x, phase, learning)
+        model.zero_grad(set_to_none=True)
+        sum(step_losses).backward()
+        for k in learning:
+            optimizers[k].step()
+        sync(x.device)
+        seconds.append(time.perf_counter() - t0)
+        if cuda and i == 0:
+            peak = torch.cuda.max_memory_allocated(x.device)
+        for h in hooks:
+            h.remove()
+    return sum(saved.values()), crossing[0], peak, statistics.median(seconds[1:] or seconds)
 
-def step_costs(model, x, mode):
-    """measure_step for the steps a mechanism takes; for per-part mechanisms the largest part's."""
-    costs = [measure_step(model, x, mode, learning) for learning in mechanism_steps(mode, len(model.parts))]
+def step_costs(model, x, mode, repeats=3):
+    """measure_step for each kind of step a mechanism takes: the largest part's memory and bytes, and
+    the mean of the steps' median times (per-part mechanisms: one turn of every part)."""
+    costs = [measure_step(model, x, mode, learning, repeats) for learning in mechanism_steps(mode, len(model.parts))]
     peaks = [c[2] for c in costs if c[2] is not None]
-    return {"activation_bytes": max(c[0] for c in costs), "boundary_backward_bytes": max(c[1] for c in costs),
+    return {"step_seconds": statistics.fmean(c[3] for c in costs), "part_step_seconds": [c[3] for c in costs],
+            "activation_bytes": max(c[0] for c in costs), "boundary_backward_bytes": max(c[1] for c in costs),
             "cuda_max_memory_allocated": max(peaks) if peaks else None}
 
-def compare(cfg, modes=("full", "alternate"), log=print):
-    """Train each mechanism from the same initial weights, data order and seed; write compare.json/png.
+def experiment_run(cfg, data, init_state, owner, log=print):
+    """Train the run of the experiment in `owner` that lives in cfg.out, locked while it trains: from
+    init_state, or on from its checkpoint where the experiment was stopped (a finished one as it is)."""
+    with claim_run_dir(cfg.out, resume=True):
+        path = os.path.join(cfg.out, "checkpoint.pt")
+        ckpt = load_checkpoint(path) if os.path.exists(path) else None
+        if ckpt and ckpt["owner"] != owner:
+            raise UsageError(f"{cfg.out} holds a run that is not part of the experiment in {owner}")
+        if ckpt:
+            saved = Config(**ckpt["config"])
+            if ckpt["epoch"] < cfg.epochs + cfg.finetune or (cfg.epochs, cfg.finetune) != (saved.epochs, saved.finetune):
+                given = {k: v for k, v in asdict(cfg).items() if v is not None}
+                cfg = resume_config(saved, given, ckpt["epoch"], log)
+            else:
+                cfg = saved
+        elif os.listdir(cfg.out) != [".lock"]:
+            raise UsageError(f"{cfg.out} holds files but no checkpoint: move them away to run it again")
+        run, _ = start_run(cfg, data, init_state, ckpt)
+        run.owner = owner
+        return train(run, data, log)
 
-    full trains epochs + finetune epochs end to end (the same total); every other mode trains its
-    `epochs`, then `finetune` epochs end to end."""
+def compare(cfg, modes=("full", "alternate"), log=print):
+    """Train each mechanism from the same initial weights, data order and seed into cfg.out/<mode>;
+    write compare.json/png. full trains epochs + finetune epochs end to end (the same total); every
+    other mode trains its `epochs`, then `finetune` epochs end to end. Run again with --resume, it
+    continues each run where a stopped comparison left it."""
     shared, data = start_run(replace(cfg, out=None))  # the initialised model every run starts from
     init_state = copy.deepcopy(shared.model.state_dict())
-    # What one step of each mechanism holds and sends, on the shared start. This also runs every kind
-    # of step once, so no run pays the one-off cost of first-time kernel setup inside its timing.
+    # What one step of each mechanism holds, sends and takes, on the shared start. This also runs every
+    # kind of step once, so no run pays the one-off cost of first-time kernel setup inside its timing.
     probe = preprocess(data[0][:cfg.batch_size].to(cfg.device), cfg.n_bits)
     costs = {mode: step_costs(shared.model, probe, mode) for mode in modes}
     runs = []
     for mode in modes:
         log(f"--- {mode}")
         moved = cfg.finetune if mode == "full" else 0  # full trains the finetuning epochs as its own
-        run_cfg = replace(cfg, mode=mode, out=os.path.join(cfg.out, mode), epochs=cfg.epochs + moved,
-                          finetune=cfg.finetune - moved)
-        run, _ = start_run(run_cfg, data, init_state)
-        start_hash = weights_hash(run.model)
-        train(run, data, log)
+        run = experiment_run(replace(cfg, mode=mode, out=os.path.join(cfg.out, mode), epochs=cfg.epochs + moved,
+                                     finetune=cfg.finetune - moved), data, init_state, cfg.out, log)
+        last = run.history[-1]
         runs.append({"name": mode if mode == "full" or not cfg.finetune else f"{mode}+finetune",
                      "mode": mode, "epochs": run.cfg.epochs, "finetune": run.cfg.finetune,
-                     "final_test_bpd": run.history[-1]["test_bpd"], "train_seconds": run.seconds,
-                     "step_seconds": statistics.fmean(map(statistics.median, run.step_seconds.values())),
-                     **costs[mode], "start_hash": start_hash, "curve": run.history})
+                     "final_test_bpd": last["test_bpd"], "final_median_bpd": last["test_median_bpd"],
+                     "final_dominated": last["test_dominated"], "train_seconds": run.seconds,
+                     **costs[mode], "curve": run.history})
     full = runs[modes.index("full")]["curve"]
     target, what = smoothed_final(full, cfg.ema)
     for r in runs:
-        r["time_to_target"] = next((m["seconds"] for m in r["curve"] if m["test_bpd"] <= target), None)
-        r["full_bpd_at_equal_time"] = bpd_at(full, r["train_seconds"])
+        r["time_to_target"] = next((m["seconds"] for m in r["curve"] if target and m["test_bpd"] <= target), None)
+        same_time = at_time(full, r["train_seconds"])
+        r["full_bpd_at_equal_time"] = same_time and not same_time["test_dominated"] and same_time["test_bpd"]
     summary = {"config": asdict(cfg), "target_bpd": target, "target": what, "runs": runs}
     write_results(summary, cfg.out, "compare", plot_compare)
     log(summary_table(summary))
     return summary
 
 def smoothed_final(curve, ema):
-    """A run's final test bits/dim as a target that one lucky or unlucky evaluation cannot move much:
-    its averaged weights' (--ema), else the mean of its last three evaluations."""
+    """(target, what it is): a run's final test bits/dim that one lucky or unlucky evaluation cannot move
+    much: its averaged weights' (--ema), else the mean of its last three evaluations. None where a
+    few images make one of those means: a target that says more about them than about the model."""
+    last = curve[-1:] if ema else curve[-3:]
+    if any(m["test_dominated"] for m in last):
+        return None, "none: a few test images make full's final mean bits/dim (see test_median_bpd)"
     if ema:
         return curve[-1]["test_bpd"], "full's final bits/dim with averaged weights (--ema)"
-    return statistics.fmean(m["test_bpd"] for m in curve[-3:]), "the mean of full's last 3 evaluations"
+    return statistics.fmean(m["test_bpd"] for m in last), "the mean of full's last 3 evaluations"
 
-def bpd_at(curve, seconds):
-    """The test bits/dim a run had reached after `seconds` of training (its last evaluation by then)."""
-    return next((m["test_bpd"] for m in reversed(curve) if m["seconds"] <= seconds * (1 + 1e-9)), None)
+def at_time(curve, seconds):
+    """The evaluation a run had reached after `seconds` of training (its last one by then), or None."""
+    return next((m for m in reversed(curve) if m["seconds"] <= seconds * (1 + 1e-9)), None)
 
 def write_results(summary, out, name, plot):
-    """out/name.json, and out/name.png drawn by plot."""
-    with open(os.path.join(out, f"{name}.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    plot(summary, os.path.join(out, f"{name}.png"))
-
-def sweep(cfg, budgets, log=print):
-    """The poster's question at several budgets N (epochs): alternate 2N/3 + finetune N/3 against full N.
-
-    Full trains once, for the largest budget: with a fixed warmup and a constant rate, its first N
-    epochs are the full run of budget N. Alternate trains once, to 2/3 of the largest budget; at each
-    2N/3 a copy of it branches off and finetunes for N/3 epochs. Each finetuning epoch M is also set
-    against full training from scratch after M epochs (a head start?) and against full training at
-    the same wall time. Writes sweep.json and sweep.png into cfg.out."""
-    shared, data = start_run(replace(cfg, out=None))  # the start every run shares
-    init_state = copy.deepcopy(shared.model.state_dict())
-    cfg = replace(cfg, warmup=cfg.warmup or default_warmup(replace(cfg, epochs=budgets[-1], finetune=0),
-                                                           len(data[0]) // cfg.batch_size))
-    full, _ = start_run(replace(cfg, mode="full", epochs=budgets[-1], finetune=0,
-                                out=os.path.join(cfg.out, "full")), data, init_state)
-    log("--- full")
-    full = train(full, data, log).history
-    trunk, _ = start_run(replace(cfg, mode="alternate", epochs=0, finetune=0,
-                                 out=os.path.join(cfg.out, "alternate")), data, init_state)
-    results = []
-    for N in budgets:
-        log(f"--- alternate to epoch {2 * N // 3}, then finetuning for {N // 3}")
-        trunk.cfg = replace(trunk.cfg, epochs=2 * N // 3)
-        train(trunk, data, log)
-        branch = copy.deepcopy(trunk)
-        branch.cfg = replace(trunk.cfg, finetune=N // 3, out=os.path.join(cfg.out, f"finetune-{N}"))
-        with torch.random.fork_rng(devices=[cfg.device] if cfg.device.startswith("cuda") else []):
-            curve = train(branch, data, log).history  # the trunk goes on as if the branch had never run
-        tuned, end = curve[2 * N // 3:], full[N - 1]
-        r = {"budget": N, "full_bpd": end["test_bpd"], "full_seconds": end["seconds"],
-             "alternate_finetune_bpd": tuned[-1]["test_bpd"],
-             "alternate_finetune_seconds": tuned[-1]["seconds"],
-             "alternate_bpd": curve[2 * N // 3 - 1]["test_bpd"],
-             "head_start": [{"finetune_epochs": M + 1, "seconds": m["seconds"], "bpd": m["test_bpd"],
-                             "full_after_same_epochs": full[M]["test_bpd"],
-                             "full_at_same_seconds": bpd_at(full, m["seconds"])}
-                            for M, m in enumerate(tuned)],
-             "curve": curve}
-        r["gap"] = r["alternate_finetune_bpd"] - r["full_bpd"]
-        r["time_ratio"] = r["alternate_finetune_seconds"] / r["full_seconds"]
-        if "raw_test_bpd" in end:  # with --ema, the raw weights' too
-            r["gap_raw_weights"] = tuned[-1]["raw_test_bpd"] - end["raw_test_bpd"]
-        results.append(r)
-    summary = {"config": asdict(cfg), "budgets": results, "full_curve": full,
-               "alternate_curve": trunk.history}
-    write_results(summary, cfg.out, "sweep", plot_sweep)
-    log(sweep_table(summary))
-    return summary
-
-def sweep_table(summary):
-    """The sweep as a Markdown table: per budget the gap, the time, and where finetuning from the
-    alternate weights overtakes full training after as many epochs, and at equal training time."""
-    raw = "gap_raw_weights" in summary["budgets"][0]
-    header = ["budget N", "full, N epochs", "alternate 2N/3 + finetune N/3", "gap"] \
-        + ["gap, raw weights"] * raw + ["time / full", "full at equal time",
-                                        "finetuning ahead of full's first M epochs from M =",
-                                        "ahead of full at equal time from M ="]
-    rows = []
-    for b in summary["budgets"]:
-        h = b["head_start"]
-        ahead = next((m["finetune_epochs"] for m in h if m["bpd"] < m["full_after_same_epochs"]), "never")
-        pays = next((m["finetune_epochs"] for m in h
-                     if m["bpd"] < (m["full_at_same_seconds"] or math.inf)), "never")
-        rows.append([str(b["budget"]), f"{b['full_bpd']:.3f}", f"{b['alternate_finetune_bpd']:.3f}",
-                     f"{b['gap']:+.3f}"] + [f"{b['gap_raw_weights']:+.3f}"] * raw
-                    + [f"{b['time_ratio']:.2f}", f"{bpd_at(summary['full_curve'], h[-1]['seconds']):.3f}",
-                       str(ahead), str(pays)])
-    return markdown_table(header, rows)
-
-def plot_sweep(summary, path):
-    """The gap and the wall-time ratio against the budget, and every curve against training time."""
-    from matplotlib.figure import Figure
-    budgets, fig = summary["budgets"], Figure(figsize=(15, 4))
-    gap, ratio, curves = fig.subplots(1, 3)
-    N = [b["budget"] for b in budgets]
-    gap.plot(N, [b["gap"] for b in budgets], marker="o")
-    gap.axhline(0, color="grey", linewidth=0.8)
-    gap.set(xlabel="budget N (epochs)", ylabel="test bits/dim: alternate+finetune - full",
-            title="the gap (alternate 2N/3 + finetune N/3 vs full N)")
-    ratio.plot(N, [b["time_ratio"] for b in budgets], marker="o")
-    ratio.axhline(0.7, color="grey", linewidth=0.8, linestyle=":")
-    ratio.set(xlabel="budget N (epochs)", ylabel="training time / full's",
-              title="the time (0.7 = a 30 % saving)")
-    for name, style in (("full", "k-"), ("alternate", "k:")):
-        curve = summary[f"{name}_curve"]
-        curves.plot([m["seconds"] for m in curve], [m["test_bpd"] for m in curve], style, label=name)
-    for b in budgets:
-        h = b["head_start"]
-        curves.plot([m["seconds"] for m in h], [m["bpd"] for m in h], marker=".",
-                    label=f"finetuning, N = {b['budget']}")
-    curves.set(xlabel="training seconds", ylabel="test bits/dim",
-               title="finetuning from alternate vs full, in time")
-    curves.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-def benchmark(cfg, modes, repeats=5, log=print):
-    """Median step time, activation memory and boundary bytes of each mechanism at the configured
-    model size, on random images: no data needed, so it runs at CIFAR-10 size on any machine.
-
-    The steps timed are train()'s own, repeats + 1 per kind of step (the first is a warm-up), at a
-    tiny learning rate so the weights stay where they started. Per-part mechanisms report the mean
-    of the parts' medians (one turn each)."""
-    channels, S = NATIVE[cfg.dataset][0], cfg.image_size
-    rows = []
-    for mode in modes:
-        n_kinds = len(mechanism_steps(mode, len(cfg.parts)))
-        images = torch.randint(0, 256, (cfg.batch_size * (repeats + 1) * n_kinds, channels, S, S),
-                               dtype=torch.uint8, generator=torch.Generator().manual_seed(cfg.seed))
-        data = (images, images[:cfg.batch_size])
-        run, _ = start_run(replace(cfg, mode=mode, epochs=1, finetune=0, lr=1e-6, part_lr=None, warmup=1,
-                                   out=None), data)
-        train(run, data, log=lambda *a: None)
-        medians = [statistics.median(times[1:]) for times in run.step_seconds.values()]
-        probe = preprocess(images[:cfg.batch_size].to(cfg.device), cfg.n_bits)
-        rows.append({"mode": mode, "step_seconds": statistics.fmean(medians), "part_step_seconds": medians,
-                     **step_costs(run.model, probe, mode)})
-    full = rows[modes.index("full")] if "full" in modes else rows[0]
-    table = markdown_table(
-        ["mechanism", "step s", "step / full", "per-part step s", "activations MB", "CUDA peak MB",
-         "boundary grad KB"],
-        [[r["mode"], f"{r['step_seconds']:.3f}", f"{r['step_seconds'] / full['step_seconds']:.2f}",
-          " ".join(f"{t:.3f}" for t in r["part_step_seconds"]), f"{r['activation_bytes'] / 2 ** 20:.1f}",
-          f"{r['cuda_max_memory_allocated'] / 2 ** 20:.0f}" if r["cuda_max_memory_allocated"] else "-",
-          f"{r['boundary_backward_bytes'] / 2 ** 10:.0f}"] for r in rows])
-    log(f"benchmark: {cfg.levels} levels x {cfg.steps} steps, hidden {cfg.hidden}, parts {cfg.parts}, "
-        f"batch {cfg.batch_size} of {channels}x{S}x{S} on {cfg.device}\n{table}")
-    return rows
+    """out/name.json, and out/name.png drawn by plot, each written atomically."""
+    write_atomic(os.path.join(out, f"{name}.json"), lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1)))
+    write_atomic(os.path.join(out, f"{name}.png"), lambda tmp: plot(summary, tmp))
 
 def markdown_table(header, rows):
     """A Markdown table from a header and rows of cells (strings)."""
@@ -1135,18 +1125,21 @@ def markdown_table(header, rows):
     return "\n".join([lines[0], "|---" * len(header) + "|", *lines[1:]])
 
 def summary_table(summary):
-    """The comparison as a Markdown table (ratios relative to the full run)."""
+    """The comparison as a Markdown table (ratios relative to the full run); a mean that a few test
+    images make is marked, and no time or equal-time value is computed from it."""
     full = next(r for r in summary["runs"] if r["mode"] == "full")
-    header = ["run", "final test bpd", "train s", "time / full", "time to full's bpd (s)",
+    header = ["run", "final test bpd", "median image", "train s", "time / full", "time to full's bpd (s)",
               "full's bpd at equal time", "step ms", "step / full", "activations MB", "boundary grad KB"]
-    rows = [[r["name"], f"{r['final_test_bpd']:.3f}", f"{r['train_seconds']:.0f}",
+    rows = [[r["name"], f"{r['final_test_bpd']:.3f}" + " (a few images make it)" * r["final_dominated"],
+             f"{r['final_median_bpd']:.3f}", f"{r['train_seconds']:.0f}",
              f"{r['train_seconds'] / full['train_seconds']:.2f}",
+             "no target" if summary["target_bpd"] is None else
              f"{r['time_to_target']:.0f}" if r["time_to_target"] is not None else "never",
-             f"{r['full_bpd_at_equal_time']:.3f}" if r["full_bpd_at_equal_time"] is not None else "-",
-             f"{1e3 * r['step_seconds']:.1f}",
-             f"{r['step_seconds'] / full['step_seconds']:.2f}", f"{r['activation_bytes'] / 2 ** 20:.1f}",
-             f"{r['boundary_backward_bytes'] / 2 ** 10:.0f}"] for r in summary["runs"]]
-    return markdown_table(header, rows)
+             f"{r['full_bpd_at_equal_time']:.3f}" if r["full_bpd_at_equal_time"] else "-",
+             f"{1e3 * r['step_seconds']:.1f}", f"{r['step_seconds'] / full['step_seconds']:.2f}",
+             f"{r['activation_bytes'] / 2 ** 20:.1f}", f"{r['boundary_backward_bytes'] / 2 ** 10:.0f}"]
+            for r in summary["runs"]]
+    return markdown_table(header, rows) + f"\ntarget: {summary['target']}"
 
 def plot_compare(summary, path):
     """Test bits/dim against epoch and against training seconds; dotted lines mark finetuning's start."""
@@ -1162,67 +1155,22 @@ def plot_compare(summary, path):
             if start is not None:  # a dotted line where finetuning starts
                 x0 = curve[start - 1][key] if start else 0
                 ax.axvline(x0, color=line.get_color(), linestyle=":", alpha=0.7)
-            ax.axhline(summary["target_bpd"], color="grey", linewidth=0.8, alpha=0.6)
+            if summary["target_bpd"] is not None:
+                ax.axhline(summary["target_bpd"], color="grey", linewidth=0.8, alpha=0.6)
     axes[0].set(xlabel="epoch", ylabel="test bits/dim", title="per epoch")
     axes[1].set(xlabel="training seconds", title="per second of training (the poster's claim)")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-def step_macs(in_channels, image_size, n_levels, n_steps, hidden):
-    """Multiply-adds per image of each flow step's convolutions (a split's prior counts with its
-    level's last step): the cost model of a part is the sum over its steps."""
-    macs, C, S = [], in_channels, image_size
-    for level in range(n_levels):
-        C, S = 4 * C, S // 2
-        coupling = 9 * (C // 2) * hidden + hidden * hidden + 9 * hidden * C  # 3x3, 1x1, zero 3x3 convs
-        macs += [S * S * (C * C + coupling)] * n_steps  # + the invertible 1x1 conv
-        if level < n_levels - 1:
-            macs[-1] += S * S * 9 * (C // 2) * C
-            C //= 2
-    return macs
-
-def balanced_parts(n_parts, macs):
-    """Cut the steps into n_parts contiguous parts whose most expensive part is as cheap as possible
-    (exact: a dynamic programme over the last cut)."""
-    if not 1 <= n_parts <= len(macs):
-        raise ValueError(f"auto:{n_parts} needs between 1 and {len(macs)} parts (one per flow step at most)")
-    prefix = [0, *itertools.accumulate(macs)]
-
-    @functools.cache
-    def best(i, p):  # (the cheapest largest part, its sizes) when the first i steps form p parts
-        if p == 1:
-            return prefix[i], [i]
-        cost, j = min((max(best(j, p - 1)[0], prefix[i] - prefix[j]), j) for j in range(p - 1, i))
-        return cost, best(j, p - 1)[1] + [i - j]
-    return best(len(macs), n_parts)[1]
+    fig.savefig(path, dpi=120, format="png")
 
 # -----------------------------------------------------------------------------
-# Distributed, under torchrun: data parallel for every mechanism, and the pipeline of parts.
-# Nothing above knows about processes; train() takes the rows of a batch to train on, and this
-# section adds the rest from outside (a gradient average before each part's optimizer steps).
+# Data parallel under torchrun, for every mechanism. Nothing above knows about processes: train()
+# takes the rows of a batch to train on, and this section adds a gradient average from outside.
 
 def torchrun_env():
     """(rank, local rank, number of processes) as torchrun sets them; (0, 0, 1) in a plain run."""
     env = os.environ
     return int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1"))
-
-def check_torchrun(cfg, args, world):
-    """Flag combinations that cannot run on `world` processes: UsageError."""
-    if args.compare or args.benchmark or args.sweep:
-        raise UsageError("--compare, --sweep and --benchmark time mechanisms in one process; "
-                         "run them without torchrun")
-    if cfg.mode == "parallel" and world != len(cfg.parts):
-        raise UsageError(f"the pipeline runs one part per process: {len(cfg.parts)} parts but "
-                         f"{world} processes; use --nproc_per_node {len(cfg.parts)}")
-    if cfg.mode == "parallel" and cfg.ema:
-        raise UsageError("the pipeline keeps no moving average of the weights: run --ema without torchrun")
-    if cfg.mode == "parallel" and cfg.finetune:
-        raise UsageError("the pipeline never sends gradients back, so it cannot finetune end to end; "
-                         "resume its checkpoint without torchrun with --mode parallel --finetune N")
-    if cfg.mode != "parallel" and cfg.batch_size % world:
-        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide among "
-                         f"{world} processes")
 
 def init_distributed(cfg, local_rank):
     """Join the process group (NCCL on GPUs, gloo on CPU); one GPU per local process."""
@@ -1233,167 +1181,73 @@ def init_distributed(cfg, local_rank):
     dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     return cfg
 
+def average_gradients(optimizer, args=None, kwargs=None):
+    """A step pre-hook: the optimizer's gradients, averaged over the processes (one all-reduce)."""
+    import torch.distributed as dist
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(avg.view_as(g))
+
 def train_data_parallel(cfg, ckpt, rank, world, log):
     """Every process holds the whole model and trains on its rows of each global batch; before a
     part's optimizer steps, its gradients are averaged over the processes. Process 0 writes."""
     import torch.distributed as dist
-
-    def average_gradients(optimizer, args, kwargs):
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        flat = torch.cat([g.flatten() for g in grads])  # one all-reduce per part and step
-        dist.all_reduce(flat)
-        flat /= world
-        for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(avg.view_as(g))
-
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide among {world} processes")
     run, data = start_run(cfg, ckpt=ckpt)  # same seed, same init batch: identical replicas
     for optimizer in run.optimizers:
         optimizer.register_step_pre_hook(average_gradients)
     if rank:
         run.cfg = replace(run.cfg, out=None)  # one writer per run directory
-    train(run, data, log, shard=slice(rank, None, world))
+    try:
+        train(run, data, log, shard=slice(rank, None, world))
+    except RuntimeError as e:  # gloo / NCCL: a peer process died
+        raise RunStopped(f"process {rank}: another process of the run was lost ({str(e).splitlines()[0]}); "
+                         f"{checkpoint_note(cfg.out)}") from None
     hashes = [None] * world
     dist.all_gather_object(hashes, weights_hash(run.model))
     if len(set(hashes)) != 1:
         raise RuntimeError(f"data-parallel replicas diverged: weight hashes {hashes}")
     log(f"data parallel over {world} processes: replicas identical at the end (weight hashes compared)")
 
-def train_pipeline(cfg, ckpt, rank, world, log):
-    """--mode parallel under torchrun: process k owns part k and trains it on its truncated objective.
-
-    Process 0 reads the data. Each process receives the carry (h_{k-1}, the earlier parts' constant
-    terms) from process k-1, takes its step, and sends its detached carry to process k+1 before its
-    own backward pass. Sends go forward only, so while process k works on batch t, process k-1 is
-    already on batch t+1. Every process holds the whole model (same seed, same init), but only its
-    own part ever learns; at the end of an epoch process 0 gathers the parts, evaluates the model
-    and writes one checkpoint, in the single-process format."""
-    import torch.distributed as dist
-    run, (train_images, test_images) = start_run(cfg, ckpt=ckpt)
-    cfg, model, device, B = run.cfg, run.model, torch.device(run.cfg.device), run.cfg.batch_size
-    optimizer, lr = run.optimizers[rank], (cfg.part_lr or [cfg.lr] * world)[rank]
-    # bytes [sent forward, sent backward, received from before, received from after], at every transfer
-    traffic = torch.zeros(4, dtype=torch.float64, device=device)
-    pending = []  # the sends in flight: their buffers stay alive until they are received
-
-    def wait_for_sends():
-        for request in pending:
-            request.wait()
-        pending.clear()
-
-    def count(t, peer, sent):
-        direction = (0 if peer > rank else 1) if sent else (2 if peer < rank else 3)
-        traffic[direction] += t.numel() * t.element_size()
-
-    def receive(batch):
-        """Process 0 starts from a batch of images (no earlier terms); the others receive a carry."""
-        if rank == 0:
-            return preprocess(batch.to(device), cfg.n_bits), torch.zeros(B, device=device)
-        h = torch.empty(B, *model.parts[rank - 1].prior.mean.shape[1:], device=device)
-        const = torch.empty(B, device=device)
-        for t in (h, const):
-            dist.recv(t, rank - 1)
-            count(t, rank - 1, sent=False)
-        return h.contiguous(memory_format=torch.channels_last), const
-
-    model.train()
-    for epoch in range(run.epoch + 1, cfg.epochs + 1):
-        loss_sum = torch.zeros(world, dtype=torch.float64, device=device)
-        n_bad = torch.zeros(world, device=device)
-        traffic.zero_()
-        dist.barrier()
-        t0 = time.perf_counter()
-        steps = len(train_images) // B
-        loader = [(None,)] * steps if rank else batches(train_images, B, cfg.seed, epoch, cfg.num_workers)
-        for batch, in loader:
-            (log_prob,), carry = model.truncated(None, [rank], receive(batch))
-            wait_for_sends()  # the previous batch's sends, before this batch's go out
-            for t in carry if rank + 1 < world else []:  # forward only; nothing ever comes back
-                t = t.detach().contiguous()
-                count(t, rank + 1, sent=True)
-                pending.append(dist.isend(t, rank + 1))
-            loss = bits_per_dim(log_prob, model.n_dims, model.n_bits).mean()
-            if not torch.isfinite(loss):  # stop together at the epoch's end, not alone in the middle
-                n_bad[rank] += 1
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for group in optimizer.param_groups:
-                group["lr"] = warmed_up(lr, run.updates[rank], cfg.warmup)
-            optimizer.step()
-            run.updates[rank] += 1
-            loss_sum[rank] += loss.item()
-        wait_for_sends()
-        dist.barrier()
-        run.seconds += time.perf_counter() - t0
-        run.steps += steps
-        for t in (loss_sum, n_bad, traffic):
-            dist.all_reduce(t)
-        if n_bad.sum() > 0:
-            raise NonFiniteLoss(f"non-finite loss in part {int(torch.nonzero(n_bad)[0]) + 1} of {world} "
-                                f"at epoch {epoch} (pipeline); {checkpoint_note(cfg.out)}")
-        # process 0 gathers every part (weights, Adam state, update count) into one checkpoint
-        mine = io.BytesIO()
-        torch.save({"part": model.parts[rank].state_dict(), "optimizer": optimizer.state_dict(),
-                    "updates": run.updates[rank]}, mine)
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object(mine.getvalue(), gathered, dst=0)
-        if rank == 0:
-            for k, theirs in enumerate(gathered):
-                theirs = torch.load(io.BytesIO(theirs), map_location=device, weights_only=True)
-                model.parts[k].load_state_dict(theirs["part"])
-                run.optimizers[k].load_state_dict(theirs["optimizer"])
-                run.updates[k] = theirs["updates"]
-            test_bpd, part_bpd = evaluate(model, test_images, B, device)
-            finish_epoch(run, epoch, cfg.mode, (loss_sum / steps).tolist(), test_bpd, part_bpd, log)
-            log(f"          pipeline: {int(traffic[0]):,} bytes sent forward between parts this epoch, "
-                f"{int(traffic[1])} backward; received {int(traffic[2]):,} from earlier parts, "
-                f"{int(traffic[3])} from later ones")
-        dist.barrier()
-    return run
-
 # -----------------------------------------------------------------------------
-# Command line
+# Command line: the flags are Config's fields. Every command here keeps the same promises: one
+# writer per directory, nothing written is lost, anything wrong is one line and a non-zero exit.
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage too)
         raise UsageError(message)
 
-def parse_budgets(text):
-    budgets = sorted(number(3)(v) for v in text.split(","))
-    if any(N % 3 for N in budgets):
-        raise argparse.ArgumentTypeError(f"budgets must be multiples of 3 (alternate 2N/3 + finetune N/3), "
-                                         f"got {text}")
-    return budgets
+def parse_parts(text):
+    """--parts: step counts like 32,16,16,32, or auto:P (Config checks both)."""
+    return text if text.startswith("auto:") else [int(p) for p in text.split(",")]
+
+def parse_rates(text):
+    """--lr: one rate, or one per part."""
+    return [float(v) for v in text.split(",")]
 
 def parse_modes(text):
     modes = text.split(",")
-    if any(m not in MODES for m in modes) or "full" not in modes:
-        raise argparse.ArgumentTypeError(f"must list 'full' and only {', '.join(MODES)}; got {text!r}")
+    if any(m not in MODES for m in modes) or "full" not in modes or len(set(modes)) < len(modes):
+        raise argparse.ArgumentTypeError(f"must list 'full' and others of {', '.join(MODES)}, each once; got {text!r}")
     return modes
 
-def make_parser():
-    p = Parser(description="Glow trained in gradient-isolated parts: full, alternate, sequential or "
-                           "parallel training, + finetuning, and the poster's comparison.")
-    for f in fields(Config):  # no argparse defaults: a flag not given takes Config's, or the checkpoint's
-        kwargs = {**f.metadata, "help": f"{f.metadata['help']} (default: {f.default})"}
-        p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kwargs)
-    g = p.add_argument_group("what to do (default: train)").add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true",
-                   help=f"continue the run in --out; it may change only {flags(RESUMABLE)}")
-    g.add_argument("--compare", action="store_true",
-                   help="train the mechanisms side by side from the same start into --out; "
-                        "write compare.json/png")
-    g.add_argument("--sweep", type=parse_budgets, metavar="N,N,...",
-                   help="the budget sweep into --out: full N epochs against alternate 2N/3 + finetune N/3, "
-                        "for each budget N (multiples of 3); writes sweep.json/png")
-    g.add_argument("--benchmark", action="store_true",
-                   help="time one step of each --compare-modes mechanism at this model size on random images")
-    p.add_argument("--compare-modes", type=parse_modes, default="full,alternate",
-                   help="mechanisms --compare (or --benchmark) runs (default: full,alternate)")
+def make_parser(description="Glow trained in gradient-isolated parts: full, alternate, sequential or "
+                            "parallel training, + finetuning, and the poster's comparison."):
+    """The flags of Config's fields; a flag not given takes Config's default, or the checkpoint's."""
+    p = Parser(description=description)
+    for f in fields(Config):
+        m = f.metadata
+        kind = {"parts": parse_parts, "lr": parse_rates}.get(f.name, m["kind"])
+        kwargs = {"action": m["action"]} if m["action"] else {"type": kind, "choices": m["choices"]}
+        p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                       help=f"{m['help']} (default: {f.default})", **kwargs)
     return p
 
-RESUMABLE = ("epochs", "finetune", "lr", "part_lr", "warmup", "data_dir", "device", "num_workers", "out",
-             "compile", "recompute")
+RESUMABLE = ("epochs", "finetune", "lr", "warmup", "data_dir", "device", "num_workers", "out", "compile", "recompute")
 
 def flags(names):
     return ", ".join("--" + name.replace("_", "-") for name in names)
@@ -1411,63 +1265,61 @@ def resume_config(saved, given, done, log):
         why = (f"a sequential run sizes each part's turn from --epochs ({saved.epochs} here), so it cannot "
                f"continue exactly to another value" if saved.mode == "sequential" else
                f"the run has already trained {done} epochs, past its {saved.epochs} of {saved.mode}")
-        raise UsageError(f"--epochs {cfg.epochs}: {why}; keep --epochs {saved.epochs} "
-                         f"(--finetune may change)")
+        raise UsageError(f"--epochs {cfg.epochs}: {why}; keep --epochs {saved.epochs} (--finetune may change)")
     if cfg.epochs + cfg.finetune <= done:
         raise UsageError(f"the run in {cfg.out} already has {done} epochs ({saved.epochs} + {saved.finetune} "
                          f"finetuning); ask for more with --epochs or --finetune")
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
     for k, v in changed.items():
-        log(f"resume: {flags([k])} {v} (was {getattr(saved, k)})")
+        log(f"resume: {flags([k])} {show(getattr(cfg, k))} (was {show(getattr(saved, k))})")
     return cfg
 
 def config_from_args(args, log=print):
     """(Config, checkpoint or None) from parsed flags, after every check that needs no data.
 
     A flag not given takes Config's default, or on --resume the checkpoint's setting. UsageError
-    (one line) for anything wrong: flags, flag combinations, the checkpoint, the run directory."""
+    (one line) for anything wrong: flags, flag combinations, the checkpoint, the device."""
     given = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
+    compare, resume = getattr(args, "compare", False), getattr(args, "resume", False)
+    if getattr(args, "compare_modes", None) and not compare:
+        raise UsageError("--compare-modes names the mechanisms of --compare: give --compare too")
     ckpt = None
     try:
-        cfg = Config(**given)
-        what = "compare" if args.compare else "sweep" if args.sweep else cfg.mode
-        cfg.out = cfg.out or os.path.join("runs", f"{cfg.dataset}-{what}")
-        if args.resume:
-            ckpt = load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))
-            cfg = resume_config(Config(**ckpt["config"]), {**given, "out": cfg.out}, ckpt["epoch"], log)
-        check_parts(cfg.parts, cfg.levels, cfg.steps)
-    except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--parts: {e}" if "part" in str(e) else f"bad setting: {e}") from None
-    if cfg.image_size % 2 ** cfg.levels:
-        fit = 2 ** cfg.levels * max(1, round(cfg.image_size / 2 ** cfg.levels))
-        raise UsageError(f"image size {cfg.image_size} is not divisible by 2^levels = {2 ** cfg.levels}; "
-                         f"pass --image-size {fit}, say")
-    if cfg.part_lr and len(cfg.part_lr) != len(cfg.parts):
-        raise UsageError(f"--part-lr gives {len(cfg.part_lr)} rates for {len(cfg.parts)} parts")
-    try:
-        if torch.device(cfg.device).type not in ("cpu", "cuda", "mps"):
-            raise RuntimeError("only cpu, cuda and mps are supported")
-        torch.empty(0, device=cfg.device)
-    except (RuntimeError, AssertionError) as e:
-        raise UsageError(f"--device {cfg.device}: not usable here ({str(e).splitlines()[0]})") from None
-    if args.benchmark:
-        return cfg, None
-    if not args.sweep and (cfg.epochs + cfg.finetune == 0 or (args.compare and cfg.epochs == 0)):
-        raise UsageError("nothing to train: give --epochs (and --finetune)" if not args.compare else
-                         "--compare times each mechanism's own epochs: give --epochs >= 1")
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise UsageError(f"--out {cfg.out} is a file, not a directory")
-    if not args.resume and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
-        raise UsageError(f"--out {cfg.out} already holds a run: pass --resume to continue it, "
-                         f"or choose another --out")
-    held = [f for f in os.listdir(cfg.out) if f in ("compare.json", "sweep.json")
-            or os.path.exists(os.path.join(cfg.out, f, "checkpoint.pt"))] if os.path.isdir(cfg.out) else []
-    if (args.compare or args.sweep) and held:
-        raise UsageError(f"--out {cfg.out} already holds a comparison ({held[0]}); choose another --out")
+        if resume and not compare:  # the checkpoint's config, with the flags given applied one by one
+            named = {f.name: given.get(f.name, f.default) for f in fields(Config) if f.name in ("out", "dataset", "mode")}
+            for f in fields(Config):
+                if f.name in named and f.name in given:
+                    check_setting(f, given[f.name])
+            out = named["out"] or os.path.join("runs", f"{named['dataset']}-{named['mode']}")
+            ckpt = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+            if ckpt["owner"]:
+                raise UsageError(f"--out {out}: this run is part of the experiment in {ckpt['owner']}; "
+                                 f"continue it through that experiment's command")
+            cfg = resume_config(Config(**ckpt["config"]), {**given, "out": out}, ckpt["epoch"], log)
+        else:
+            cfg = Config(**given)
+            cfg.out = cfg.out or os.path.join("runs", f"{cfg.dataset}-{'compare' if compare else cfg.mode}")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    check_device(cfg.device)
+    if cfg.epochs + cfg.finetune == 0 or (compare and cfg.epochs == 0):
+        raise UsageError("--compare times each mechanism's own epochs: give --epochs >= 1" if compare else
+                         "nothing to train: give --epochs (and --finetune)")
     return cfg, ckpt
 
-def claim_run_dir(out):
-    """Create `out` and lock it for this process: one writer per run directory. The lock is the
-    operating system's (flock), so it ends with the process however the process ends, kill -9 too."""
+def check_device(device):
+    """UsageError unless a tensor can be made on `device` here."""
+    try:
+        if torch.device(device).type not in ("cpu", "cuda", "mps"):
+            raise RuntimeError("only cpu, cuda and mps are supported")
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UsageError(f"--device {device}: not usable here ({str(e).splitlines()[0]})") from None
+
+def claim_run_dir(out, resume=False):
+    """Create `out` and lock it for this process: one writer per directory. The lock is the operating
+    system's (flock), so it ends with the process however the process ends, kill -9 too. A fresh start
+    needs an empty directory: one that holds anything is continued (resume) or refused."""
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, ".lock"), "w")
@@ -1477,61 +1329,99 @@ def claim_run_dir(out):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise UsageError(f"--out {out} is in use by another run; wait for it to end, "
-                         f"or choose another --out") from None
+        raise UsageError(f"--out {out} is in use by another run; wait for it to end, or choose another --out") \
+            from None
+    held = sorted(set(os.listdir(out)) - {".lock"})
+    if held and not resume:
+        lock.close()
+        raise UsageError(f"--out {out} already holds {', '.join(held[:3])}{', ...' * (len(held) > 3)}: "
+                         f"continue what is there with --resume, or choose another --out")
     return lock  # the lock lasts as long as this file stays open
+
+def claim_experiment(out, plan, resume):
+    """claim_run_dir for an experiment, which records its plan (kind, settings) in experiment.json:
+    it continues only an experiment with the same plan, and never a directory that holds another."""
+    lock = claim_run_dir(out, resume)
+    path = os.path.join(out, "experiment.json")
+    plan = json.loads(json.dumps(plan))
+    old = json.load(open(path)) if os.path.exists(path) else None
+    if old is None and os.listdir(out) != [".lock"] or old not in (None, plan):
+        lock.close()
+        old_cfg, cfg = (old or {}).get("config", {}), plan.get("config", {})
+        diff = sorted({k for k in {**plan, **(old or {})} if k != "config" and (old or {}).get(k) != plan.get(k)}
+                      | {k for k in {**cfg, **old_cfg} if old_cfg.get(k) != cfg.get(k)})
+        raise UsageError(f"--out {out} holds " + ("no experiment to continue" if old is None else
+                         f"an experiment whose {', '.join(diff)} differ from these") + "; choose another --out")
+    write_atomic(path, lambda tmp: open(tmp, "w").write(json.dumps(plan, indent=1)))
+    return lock
 
 def interrupt(signum, frame):  # SIGTERM (what a cluster scheduler sends) is handled like Ctrl-C
     raise KeyboardInterrupt(signum)
 
-def main(argv=None):
-    rank, local_rank, world = torchrun_env()
-    log = print if rank == 0 else (lambda *a: None)
-    lock, args, cfg = None, None, None
+def command(prog, work, argv=None):
+    """Run work(argv, where) with the promises of every command here, and return its exit code:
+    2 and one line for bad input (UsageError); 1 and one line when the run cannot go on (RunStopped,
+    a failed write or read of the environment); 130 / 143 on Ctrl-C / SIGTERM. Each last line says
+    what is kept in where["out"], the directory work records as soon as it knows it."""
+    rank = torchrun_env()[0]
+    where = {}
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        args = make_parser().parse_args(argv)
-        cfg, ckpt = config_from_args(args, log)
-        if isinstance(getattr(args, "parts", None), str):
-            log(f"--parts {args.parts} = {','.join(map(str, cfg.parts))} (equal multiply-adds per part)")
-        if world > 1:
-            check_torchrun(cfg, args, world)
-        if rank == 0 and not args.benchmark:
-            lock = claim_run_dir(cfg.out)  # before any data is loaded
-        if world > 1:
-            cfg = init_distributed(cfg, local_rank)
-            distributed = train_pipeline if cfg.mode == "parallel" else train_data_parallel
-            distributed(cfg, ckpt, rank, world, log)
-        elif args.benchmark:
-            benchmark(cfg, args.compare_modes)
-        elif args.compare:
-            compare(cfg, args.compare_modes)
-        elif args.sweep:
-            sweep(cfg, args.sweep)
-        else:
-            train(*start_run(cfg, ckpt=ckpt), log)
-    except UsageError as e:  # every process finds the same ones; process 0 reports them
+        work(argv, where)
+    except UsageError as e:
         if rank == 0:
-            print(f"glow_parts.py: error: {e}", file=sys.stderr)
-        else:
-            time.sleep(2)  # so that torchrun does not stop process 0 before it has said why
+            print(f"{prog}: error: {e}", file=sys.stderr)
+        else:  # quiet while torchrun stops this process, so that process 0 is the one that says why
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(2)
         return 2
-    except NonFiniteLoss as e:
-        print(f"glow_parts.py: {e}", file=sys.stderr)
+    except (RunStopped, OSError) as e:
+        why = e if isinstance(e, RunStopped) else f"{e.strerror or e}: {e.filename}; {checkpoint_note(where.get('out'))}"
+        print(f"{prog}: stopped: {why}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        kept = checkpoint_note(cfg.out) if cfg and not args.benchmark else "nothing was written"
-        if cfg and (args.compare or args.sweep):
-            kept = f"each run's last checkpoint is kept under {cfg.out}"
-        print(f"glow_parts.py: interrupted ({'SIGTERM' if e.args else 'Ctrl-C'}); {kept}", file=sys.stderr)
+        for s in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut this message short
+            signal.signal(s, signal.SIG_IGN)
+        if rank == 0:
+            print(f"{prog}: interrupted ({'SIGTERM' if e.args else 'Ctrl-C'}); {checkpoint_note(where.get('out'))}",
+                  file=sys.stderr)
         return 143 if e.args else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if lock:
-            lock.close()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         if "torch.distributed" in sys.modules and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
+
+def main(argv=None):
+    return command("glow_parts.py", run_main, argv)
+
+def run_main(argv, where):
+    """Train a run (or continue it), or compare the mechanisms; data parallel under torchrun."""
+    rank, local_rank, world = torchrun_env()
+    log = print if rank == 0 else (lambda *a: None)
+    p = make_parser()
+    g = p.add_argument_group("what to do (default: train)")
+    g.add_argument("--resume", action="store_true",
+                   help=f"continue the run (or comparison) in --out; it may change only {flags(RESUMABLE)}")
+    g.add_argument("--compare", action="store_true",
+                   help="train the mechanisms side by side from the same start into --out; write compare.json/png")
+    g.add_argument("--compare-modes", type=parse_modes, help="the mechanisms --compare runs (default: full,alternate)")
+    args = p.parse_args(argv)
+    cfg, ckpt = config_from_args(args, log)
+    where["out"] = cfg.out
+    if isinstance(getattr(args, "parts", None), str):
+        log(f"--parts {args.parts} = {','.join(map(str, cfg.parts))} (equal multiply-adds per part)")
+    if args.compare:
+        if world > 1:
+            raise UsageError("--compare times the mechanisms in one process: run it without torchrun")
+        modes = args.compare_modes or ["full", "alternate"]
+        with claim_experiment(cfg.out, {"kind": "compare", "modes": modes, "config": asdict(cfg)}, args.resume):
+            return compare(cfg, modes, log)
+    with claim_run_dir(cfg.out, args.resume) if rank == 0 else open(os.devnull):  # before any data is loaded
+        if world > 1:
+            return train_data_parallel(init_distributed(cfg, local_rank), ckpt, rank, world, log)
+        return train(*start_run(cfg, ckpt=ckpt), log)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,87 @@
+"""
+experiments/benchmark.py: what one training step of each mechanism costs at any model size, on
+random images (no dataset needed), beside what the cost model predicts.
+
+    python experiments/benchmark.py --modes full,alternate                   # the CIFAR-10 Glow, the poster's parts
+    python experiments/benchmark.py --modes full,alternate --parts auto:4 --batch-size 8 --device cpu
+    python experiments/benchmark.py --modes full,alternate --device cuda --no-compile
+
+Per mechanism: the median time of the loop's own step (losses, backward, the learning parts' Adams;
+per-part mechanisms: the mean over one turn of every part), the activation memory one step saves for
+backward (its largest part's), the CUDA peak, and the gradient bytes that cross a part boundary.
+
+The cost model. A full step costs about 3 forward passes (forward + backward). Part k's step runs
+the parts before it forward without grad and itself forward and backward: with f_k part k's share
+of the forward multiply-adds (glow_parts.step_macs), its step costs (sum_{j<k} f_j + 3 f_k) / 3 of
+a full step. An alternate epoch costs the mean of that over the parts.
+"""
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import glow_parts as gp  # noqa: E402
+
+
+def predicted_step(cfg, learning):
+    """The cost model's step time relative to a full step, for a step where `learning` parts learn."""
+    macs = gp.step_macs(gp.NATIVE[cfg.dataset][0], cfg.image_size, cfg.levels, cfg.steps, cfg.hidden)
+    bounds = [0, *[sum(cfg.parts[:k + 1]) for k in range(len(cfg.parts))]]
+    share = [sum(macs[a:b]) / sum(macs) for a, b in zip(bounds, bounds[1:])]
+    return (sum(share[:learning[0]]) + 3 * sum(share[k] for k in range(learning[0], learning[-1] + 1))) / 3
+
+
+def benchmark(cfg, modes, repeats=5, log=print):
+    """One row per mechanism: measured step costs and the cost model's step ratio."""
+    channels, S = gp.NATIVE[cfg.dataset][0], cfg.image_size
+    images = torch.randint(0, 256, (cfg.batch_size, channels, S, S), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(cfg.seed))
+    x = gp.preprocess(images.to(cfg.device), cfg.n_bits)
+    model = gp.build_model(cfg)
+    model.initialize(x)
+    rows = []
+    for mode in modes:
+        kinds = gp.mechanism_steps(mode, len(cfg.parts))
+        rows.append({"mode": mode, **gp.step_costs(model, x, mode, repeats),
+                     "predicted": statistics.fmean(predicted_step(cfg, k) for k in kinds)})
+    full = next((r for r in rows if r["mode"] == "full"), rows[0])
+    table = gp.markdown_table(
+        ["mechanism", "step s", "step / full", "cost model", "per-part step s", "activations MB", "CUDA peak MB",
+         "boundary grad KB"],
+        [[r["mode"], f"{r['step_seconds']:.3f}", f"{r['step_seconds'] / full['step_seconds']:.2f}",
+          f"{r['predicted'] / full['predicted']:.2f}", " ".join(f"{t:.3f}" for t in r["part_step_seconds"]),
+          f"{r['activation_bytes'] / 2 ** 20:.1f}",
+          f"{r['cuda_max_memory_allocated'] / 2 ** 20:.0f}" if r["cuda_max_memory_allocated"] else "-",
+          f"{r['boundary_backward_bytes'] / 2 ** 10:.0f}"] for r in rows])
+    log(f"benchmark: {cfg.levels} levels x {cfg.steps} steps, hidden {cfg.hidden}, parts {cfg.parts}, "
+        f"batch {cfg.batch_size} of {channels}x{S}x{S} on {cfg.device}, {torch.get_num_threads()} threads\n{table}")
+    return rows
+
+
+def parse_modes(text):
+    modes = text.split(",")
+    if any(m not in gp.MODES for m in modes) or len(set(modes)) < len(modes):
+        raise argparse.ArgumentTypeError(f"want some of {', '.join(gp.MODES)}, each once; got {text!r}")
+    return modes
+
+
+def run_benchmark(argv, where):
+    p = gp.make_parser("Step costs of each mechanism on random images, beside the cost model.")
+    p.add_argument("--modes", type=parse_modes, default=["full", "alternate"], help="mechanisms (default: full,alternate)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per kind of step, after one measured step")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        raise gp.UsageError(f"--repeats must be at least 1, got {args.repeats}")
+    try:
+        cfg = gp.Config(**{k: v for k, v in vars(args).items() if k not in ("modes", "repeats")})
+    except ValueError as e:
+        raise gp.UsageError(str(e)) from None
+    gp.check_device(cfg.device)
+    benchmark(cfg, args.modes, args.repeats)
+
+
+if __name__ == "__main__":
+    sys.exit(gp.command("benchmark.py", run_benchmark))

@@ -1,0 +1,202 @@
+"""
+experiments/sweep.py: the poster's question at several budgets, over seeds.
+
+For each seed and budget N (epochs): full training for N epochs against alternate 2N/3 + finetuning
+N/3, and any other split A + F of a budget (--splits). Per seed, full trains once, for the largest
+budget: with a fixed warmup and a constant rate, its first N epochs are the full run of budget N.
+Alternate trains once per seed too; where it reaches A epochs, a copy of it (checkpoint, Adam state
+and RNG) branches off and finetunes for F epochs, exactly as a separate alternate A + finetune F run.
+
+Every run is an ordinary run directory, out/seed<S>/full, out/seed<S>/alternate and
+out/seed<S>/alternate<A>+finetune<F>: a stopped sweep loses at most an epoch, and the same command
+continues it (and may add seeds, budgets or splits). Results: out/sweep.json, sweep.png, a table.
+
+    python experiments/sweep.py --budgets 30,60,90 --splits 75+15,45+45 --seeds 0,1,2 --ema 0.995 \
+        --dataset fashion-mnist --image-size 16 --subset 8000 --levels 3 --steps 4 --hidden 64 \
+        --parts 4,2,2,4 --warmup 100 --out runs/fashion16-sweep
+"""
+import argparse
+import copy
+import os
+import shutil
+import statistics
+import sys
+from dataclasses import asdict, replace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import glow_parts as gp  # noqa: E402
+
+
+def branch(trunk_out, out):
+    """A new run directory that continues the trunk's checkpoint (a copy of the trunk at its epoch)."""
+    with gp.claim_run_dir(out):
+        for name in ("metrics.jsonl", "checkpoint.pt"):  # the checkpoint last: it makes the directory a run
+            gp.write_atomic(os.path.join(out, name), lambda tmp: shutil.copyfile(os.path.join(trunk_out, name), tmp))
+
+
+def largest_rise(curve, key):
+    """The largest rise of a run's test bits/dim above its best so far: how far a spike set it back."""
+    best, rise = float("inf"), 0.0
+    for m in curve:
+        rise, best = max(rise, m[key] - best), min(best, m[key])
+    return rise
+
+
+def sweep(cfg, splits, seeds, log=print):
+    """Train (or continue) every run of the sweep into cfg.out; write sweep.json and sweep.png."""
+    total, rows, per_seed = max(A + F for A, F in splits), [], []
+    key = "raw_test_bpd" if cfg.ema else "test_bpd"  # spikes are measured on the raw weights
+    for seed in seeds:
+        root = os.path.join(cfg.out, f"seed{seed}")
+        shared, data = gp.start_run(replace(cfg, seed=seed, out=None))  # the start every run of the seed shares
+        init, scfg = copy.deepcopy(shared.model.state_dict()), shared.cfg  # its warmup is fixed now
+        run = lambda c, **kw: gp.experiment_run(replace(c, **kw), data, init, cfg.out, log).history  # noqa: E731
+        log(f"--- seed {seed}: full, {total} epochs")
+        full = run(scfg, mode="full", epochs=total, finetune=0, out=os.path.join(root, "full"))
+        trunk_out, curves = os.path.join(root, "alternate"), {}
+        for A in sorted({A for A, _ in splits}):
+            outs = {F: os.path.join(root, f"alternate{A}+finetune{F}") for a, F in splits if a == A}
+            if any(not os.path.exists(os.path.join(out, "checkpoint.pt")) for out in outs.values()):
+                log(f"--- seed {seed}: alternate to epoch {A}")
+                run(scfg, mode="alternate", epochs=A, finetune=0, out=trunk_out)
+                for out in outs.values():
+                    if not os.path.exists(os.path.join(out, "checkpoint.pt")):
+                        branch(trunk_out, out)
+            for F, out in outs.items():
+                log(f"--- seed {seed}: alternate {A} + finetune {F}")
+                curves[A, F] = run(scfg, mode="alternate", epochs=A, finetune=F, out=out)
+        trunk = max(curves.values(), key=len)[:max(A for A, _ in splits)]
+        per_seed.append({"seed": seed, "full_curve": full, "alternate_curve": trunk,
+                         "full_largest_rise": largest_rise(full, key), "alternate_largest_rise": largest_rise(trunk, key)})
+        for (A, F), curve in sorted(curves.items()):
+            end, tuned = full[A + F - 1], curve[-1]
+            same_time = gp.at_time(full, tuned["seconds"])
+            rows.append({"seed": seed, "budget": A + F, "alternate_epochs": A, "finetune_epochs": F,
+                         "full_bpd": end["test_bpd"], "bpd": tuned["test_bpd"], "gap": tuned["test_bpd"] - end["test_bpd"],
+                         "gap_raw_weights": tuned["raw_test_bpd"] - end["raw_test_bpd"] if cfg.ema else None,
+                         "alternate_bpd": curve[A - 1]["test_bpd"], "time_ratio": tuned["seconds"] / end["seconds"],
+                         "seconds": tuned["seconds"], "full_at_equal_time": same_time["test_bpd"] if same_time else None,
+                         "dominated": any(m and m["test_dominated"] for m in (end, tuned, same_time)),
+                         "finetune_curve": curve[A:]})
+    summary = {"config": {**asdict(cfg), "seed": None}, "seeds": seeds, "splits": splits,
+               "runs": rows, "per_seed": per_seed, "by_split": aggregate(rows)}
+    gp.write_results(summary, cfg.out, "sweep", plot_sweep)
+    log(sweep_table(summary))
+    return summary
+
+
+def spread(values):
+    """{mean, sd (0 for one value), min, max} of the values that are not None; None if there are none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def aggregate(rows):
+    """Per split A + F, each measure over the seeds whose means no few test images make."""
+    out = []
+    for A, F in sorted({(r["alternate_epochs"], r["finetune_epochs"]) for r in rows}, key=lambda s: (sum(s), s)):
+        mine = [r for r in rows if (r["alternate_epochs"], r["finetune_epochs"]) == (A, F)]
+        fair = [r for r in mine if not r["dominated"]]
+        out.append({"budget": A + F, "alternate_epochs": A, "finetune_epochs": F, "seeds": len(mine),
+                    "dominated_seeds": [r["seed"] for r in mine if r["dominated"]],
+                    **{k: spread([r[k] for r in fair]) for k in ("full_bpd", "bpd", "gap", "gap_raw_weights",
+                                                                "time_ratio", "full_at_equal_time")},
+                    "gap_signs": sorted({(r["gap"] > 0) - (r["gap"] < 0) for r in fair})})
+    return out
+
+
+def sweep_table(summary):
+    """The sweep as a Markdown table: per split, each measure's mean ± sd [min, max] over the seeds."""
+    def cell(s, signed=False):
+        fmt = "{:+.3f}" if signed else "{:.3f}"
+        return "-" if s is None else f"{fmt.format(s['mean'])} ± {s['sd']:.3f} [{fmt.format(s['min'])}, {fmt.format(s['max'])}]"
+    header = ["budget N", "alternate + finetune", "seeds", "full, N epochs", "alternate + finetune bpd", "gap",
+              "gap, raw weights", "time / full", "full at equal time", "gap's sign"]
+    rows = [[str(b["budget"]), f"{b['alternate_epochs']} + {b['finetune_epochs']}",
+             f"{b['seeds'] - len(b['dominated_seeds'])}" + (f" (+{len(b['dominated_seeds'])} where a few images make "
+                                                             f"the mean)" if b["dominated_seeds"] else ""),
+             cell(b["full_bpd"]), cell(b["bpd"]), cell(b["gap"], True), cell(b["gap_raw_weights"], True),
+             cell(b["time_ratio"]), cell(b["full_at_equal_time"]),
+             "flips between seeds" if len(b["gap_signs"]) > 1 else {1: "+", -1: "-", 0: "0"}.get(
+                 (b["gap_signs"] or [0])[0])] for b in summary["by_split"]]
+    return gp.markdown_table(header, rows)
+
+
+def plot_sweep(summary, path):
+    """The gap against the budget (a thin line per seed, the mean thick), the splits of the largest
+    budget, and each seed's full and alternate curves (where the spikes show)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(16, 4.5))
+    gaps, splits, curves = fig.subplots(1, 3)
+    rows, by = summary["runs"], summary["by_split"]
+    main = [b for b in by if 3 * b["alternate_epochs"] == 2 * b["budget"]]  # the 2N/3 + N/3 splits
+    for seed in summary["seeds"]:
+        mine = [r for r in rows if r["seed"] == seed and 3 * r["alternate_epochs"] == 2 * r["budget"]]
+        gaps.plot([r["budget"] for r in mine], [r["gap"] for r in mine], color="grey", linewidth=0.8, marker=".")
+    gaps.plot([b["budget"] for b in main], [b["gap"]["mean"] if b["gap"] else None for b in main], "k-o",
+              linewidth=2, label="mean over seeds")
+    gaps.axhline(0, color="grey", linewidth=0.6)
+    gaps.set(xlabel="budget N (epochs)", ylabel="test bpd: alternate 2N/3 + finetune N/3 - full N",
+             title="the gap, per seed and mean")
+    gaps.legend()
+    top = max(b["budget"] for b in by)
+    last = [b for b in by if b["budget"] == top]
+    for seed in summary["seeds"]:
+        mine = sorted((r for r in rows if r["seed"] == seed and r["budget"] == top), key=lambda r: r["alternate_epochs"])
+        splits.plot([r["alternate_epochs"] for r in mine], [r["bpd"] for r in mine], color="grey", linewidth=0.8,
+                    marker=".")
+    splits.plot([b["alternate_epochs"] for b in last], [b["bpd"]["mean"] if b["bpd"] else None for b in last], "k-o",
+                linewidth=2)
+    splits.set(xlabel=f"alternate epochs of {top} (the rest finetunes)", ylabel="test bpd", title=f"splits of {top} epochs")
+    for i, s in enumerate(summary["per_seed"]):
+        for name, style in (("full", "-"), ("alternate", ":")):
+            c = s[f"{name}_curve"]
+            curves.plot([m["epoch"] for m in c], [m["test_bpd"] for m in c], style, color=f"C{i}", linewidth=1,
+                        label=f"seed {s['seed']}, {name}")
+    curves.set(xlabel="epoch", ylabel="test bpd", title="full and alternate, per seed")
+    curves.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+
+
+def parse_splits(text):
+    """75+15,45+45: alternate epochs + finetuning epochs."""
+    return [tuple(int(v) for v in s.split("+", 1)) for s in text.split(",")]
+
+
+def parse_budgets(text):
+    """30,60,90: the splits 2N/3 + N/3 of each budget N (a multiple of 3)."""
+    budgets = [int(v) for v in text.split(",")]
+    if any(N < 3 or N % 3 for N in budgets):
+        raise argparse.ArgumentTypeError(f"budgets must be multiples of 3 (alternate 2N/3 + finetune N/3), got {text}")
+    return [(2 * N // 3, N // 3) for N in budgets]
+
+
+def run_sweep(argv, where):
+    p = gp.make_parser("The budget sweep over seeds: full N epochs against alternate A + finetune F.")
+    p.add_argument("--budgets", type=parse_budgets, default=[], help="budgets N (multiples of 3): 2N/3 + N/3 each")
+    p.add_argument("--splits", type=parse_splits, default=[], help="more splits A+F, e.g. 75+15,45+45")
+    p.add_argument("--seeds", type=lambda t: [int(v) for v in t.split(",")], default=[0], help="seeds (default: 0)")
+    args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k not in ("budgets", "splits", "seeds")}
+    splits = sorted(set(args.budgets + args.splits))
+    if not splits or any(A < 1 or F < 0 for A, F in splits):
+        raise gp.UsageError("give --budgets and/or --splits, each with at least one alternate epoch")
+    try:
+        cfg = replace(gp.Config(**given), epochs=1, finetune=0)  # the runs set their own epochs
+        for seed in args.seeds:
+            replace(cfg, seed=seed)  # each seed checked like --seed
+    except ValueError as e:
+        raise gp.UsageError(str(e)) from None
+    cfg.out = cfg.out or os.path.join("runs", f"{cfg.dataset}-sweep")
+    where["out"] = cfg.out
+    plan = {"kind": "sweep", "config": asdict(replace(cfg, seed=0))}  # seeds, budgets and splits may grow
+    with gp.claim_experiment(cfg.out, plan, resume=True):  # the same command continues a stopped sweep
+        return sweep(cfg, splits, sorted(set(args.seeds)))
+
+
+if __name__ == "__main__":
+    sys.exit(gp.command("sweep.py", run_sweep))
