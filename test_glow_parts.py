@@ -227,7 +227,7 @@ def test_default_model_is_the_cifar10_glow_cut_as_the_poster_in_the_library_and_
     assert gp.default_parts(2, 8) == [8, 8] and gp.default_parts(3, 5) == [5, 2, 3, 5]
 
 
-# --- speed and memory: recomputation and torch.compile change neither values nor gradients
+# --- speed: torch.compile changes neither values nor gradients
 
 
 def grads_of(model, x):
@@ -235,27 +235,6 @@ def grads_of(model, x):
     loss = model.bits_per_dim(model.log_prob(x)).mean() + model.part_loss(x, 1)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-
-def test_recompute_gives_the_plain_gradients_and_saves_far_fewer_activations():
-    model = trained(tiny_glow([3, 1, 2]), torch.float32)
-    x = torch.rand(8, 1, 8, 8) - 0.5
-    plain_loss, plain = grads_of(model, x)
-    plain_bytes = gp.measure_step(model, x, "full", [0, 1, 2])[0]
-    for part in model.parts:
-        part.recompute = True
-    loss, recomputed = grads_of(model, x)
-    assert torch.equal(loss, plain_loss) and len(recomputed) == len(plain)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(recomputed, plain))
-    inputs = {}  # what recomputation must still keep: every flow step's input (its storage)
-
-    def note(module, args):
-        inputs[args[0].untyped_storage().data_ptr()] = args[0].untyped_storage().nbytes()
-    hooks = [m.register_forward_pre_hook(note) for m in model.modules() if isinstance(m, gp.FlowStep)]
-    kept = gp.measure_step(model, x, "full", [0, 1, 2], repeats=0)[0]  # one step: the one measured
-    for h in hooks:
-        h.remove()
-    assert sum(inputs.values()) <= kept < plain_bytes / 2
 
 
 def test_a_compiled_model_gives_the_eager_loss_and_gradients_and_stays_invertible():
@@ -626,18 +605,13 @@ def test_every_directory_is_owned_continued_only_by_its_owner_and_never_silently
         f"--epochs 1 --out {tmp_path / 'leftovers'}": "already holds metrics.jsonl",
         f"--epochs 1 --out {cmp}": "already holds",  # a plain run into a comparison
         f"--epochs 2 --resume --out {cmp}": "no checkpoint",
-        f"--epochs 2 --resume --out {cmp}/full": "part of the experiment in",  # only through the comparison
+        f"--epochs 2 --resume --out {cmp}/full": "belongs to the comparison or sweep in",  # only through it
         f"--compare --epochs 1 --out {cmp}": "already holds",  # a comparison is never overwritten
-        f"--compare --epochs 2 --resume --out {cmp}": "whose epochs differ",  # continued only as it was planned
-        f"--compare --epochs 1 --resume --out {run}": "no experiment to continue",
+        f"--compare --epochs 2 --resume --out {cmp}": "not continued",
     }
     for flags, match in refused.items():
         assert gp.main(TINY + flags.split()) == 2, flags
         assert match in one_error_line(capsys), flags
-    before = json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"][0]["curve"]
-    assert gp.main(TINY + ["--compare", "--epochs", "1", "--resume", "--out", cmp]) == 0  # finished: as it is
-    after = json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"][0]["curve"]
-    assert after == before
 
 
 @pytest.mark.parametrize("mode", gp.MODES)
@@ -796,9 +770,18 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
 # --- the poster's comparison
 
 
+def weights_hash(model):
+    """A short hash of every parameter and buffer: equal hashes mean identical weights."""
+    import hashlib
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode() + value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def test_compare_starts_every_run_from_the_same_weights_and_reports_every_field(tmp_path, monkeypatch):
     starts, real = [], gp.train
-    monkeypatch.setattr(gp, "train", lambda run, *a, **k: starts.append(gp.weights_hash(run.model)) or real(run, *a, **k))
+    monkeypatch.setattr(gp, "train", lambda run, *a, **k: starts.append(weights_hash(run.model)) or real(run, *a, **k))
     out = tmp_path / "cmp"
     assert gp.main(TINY + ["--compare", "--compare-modes", "full,alternate,sequential", "--epochs", "2",
                            "--finetune", "1", "--out", str(out)]) == 0
@@ -839,9 +822,9 @@ def test_measure_step_counts_boundary_bytes_at_a_mid_level_cut():
     model = tiny_glow([3, 1, 2])
     x = torch.rand(8, 1, 8, 8) - 0.5
     model.initialize(x)
-    act, crossing, _, seconds = gp.measure_step(model, x, "full", [0, 1, 2])
+    act, crossing, _ = gp.measure_step(model, x, "full", [0, 1, 2])
     # boundaries: after part 0 (mid level 1: 8 channels at 2x2), after part 1 (split: 4 channels at 2x2)
-    assert crossing == 8 * (8 * 2 * 2 + 4 * 2 * 2) * 4 and seconds > 0
+    assert crossing == 8 * (8 * 2 * 2 + 4 * 2 * 2) * 4
     assert all(gp.measure_step(model, x, "alternate", [k])[1] == 0 for k in range(3))
     assert all(gp.measure_step(model, x, "alternate", [k])[0] < act for k in range(3))
     assert gp.measure_step(model, x, "parallel", [0, 1, 2])[1] == 0
@@ -889,11 +872,11 @@ def test_data_parallel_averages_each_parts_gradients_over_the_processes(tmp_path
     assert results[0] == results[1] == [1.5, 3.0, 4.5]  # the mean; a sum would give 3, 6, 9
 
 
-def test_ddp_on_two_processes_keeps_replicas_identical_and_writes_one_run(tmp_path):
+def test_ddp_on_two_processes_trains_one_run_with_the_global_batch(tmp_path):
     out = tmp_path / "ddp"
     proc = torchrun(2, "glow_parts.py", TINY + ["--mode", "alternate", "--epochs", "2", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "replicas identical" in proc.stdout  # checked by hashing every process's weights at the end
+    assert proc.stdout.count("epoch ") == 2 and "Traceback" not in proc.stderr  # process 0 alone logs
     single = tiny_train(tiny_cfg(mode="alternate", epochs=2)).history
     assert [m["steps"] for m in read_metrics(out)] == [m["steps"] for m in single]  # one global batch a step
 

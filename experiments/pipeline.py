@@ -64,7 +64,7 @@ def train_pipeline(cfg, ckpt, rank, world, log):
         dist.barrier()
         t0 = time.perf_counter()
         steps = len(train_images) // B
-        loader = [(None,)] * steps if rank else gp.batches(train_images, B, cfg.seed, epoch, cfg.num_workers)
+        loader = [(None,)] * steps if rank else gp.batches(train_images, B, cfg.seed, epoch)
         for batch, in loader:
             h, const = gp.isolate(*receive(batch))  # what arrives is already cut off: isolated by construction
             h, _, logdet, logp = part(h)

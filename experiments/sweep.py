@@ -17,6 +17,7 @@ continues it (and may add seeds, budgets or splits). Results: out/sweep.json, sw
 """
 import argparse
 import copy
+import json
 import os
 import shutil
 import statistics
@@ -25,6 +26,44 @@ from dataclasses import asdict, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import glow_parts as gp  # noqa: E402
+
+
+def experiment_run(cfg, data, init_state, owner, log=print):
+    """Train the sweep's run in cfg.out, locked while it trains: from init_state, or on from its checkpoint
+    where the sweep was stopped (with more epochs where the sweep grew; a finished one as it is)."""
+    with gp.claim_run_dir(cfg.out, resume=True):
+        path = os.path.join(cfg.out, "checkpoint.pt")
+        ckpt = gp.load_checkpoint(path) if os.path.exists(path) else None
+        if ckpt and ckpt["owner"] != owner:
+            raise gp.UsageError(f"{cfg.out} holds a run that is not part of the sweep in {owner}")
+        if not ckpt and os.listdir(cfg.out) != [".lock"]:
+            raise gp.UsageError(f"{cfg.out} holds files but no checkpoint: move them away to run it again")
+        if ckpt:
+            saved = gp.Config(**ckpt["config"])
+            done = ckpt["epoch"] >= cfg.epochs + cfg.finetune and (cfg.epochs, cfg.finetune) == (saved.epochs,
+                                                                                                 saved.finetune)
+            cfg = saved if done else gp.resume_config(saved, {k: v for k, v in asdict(cfg).items() if v is not None},
+                                                      ckpt["epoch"], log)
+        run, _ = gp.start_run(cfg, data, init_state, ckpt)
+        run.owner = owner
+        return gp.train(run, data, log)
+
+
+def claim_sweep(out, plan):
+    """Lock out for the sweep and record its plan in sweep-plan.json: the same command continues a
+    stopped sweep (and may add seeds, budgets and splits); another plan, or another kind of directory,
+    is refused."""
+    lock = gp.claim_run_dir(out, resume=True)
+    path = os.path.join(out, "sweep-plan.json")
+    old = json.load(open(path)) if os.path.exists(path) else None
+    if old is None and os.listdir(out) != [".lock"] or old not in (None, plan):
+        lock.close()
+        diff = sorted(k for k in {**plan["config"], **(old or {}).get("config", {})}
+                      if (old or {}).get("config", {}).get(k) != plan["config"].get(k))
+        raise gp.UsageError(f"--out {out} holds " + ("something other than a sweep" if old is None else
+                            f"a sweep whose {', '.join(diff)} differ from these") + "; choose another --out")
+    gp.write_atomic(path, lambda tmp: open(tmp, "w").write(json.dumps(plan, indent=1)))
+    return lock
 
 
 def branch(trunk_out, out):
@@ -50,7 +89,7 @@ def sweep(cfg, splits, seeds, log=print):
         root = os.path.join(cfg.out, f"seed{seed}")
         shared, data = gp.start_run(replace(cfg, seed=seed, out=None))  # the start every run of the seed shares
         init, scfg = copy.deepcopy(shared.model.state_dict()), shared.cfg  # its warmup is fixed now
-        run = lambda c, **kw: gp.experiment_run(replace(c, **kw), data, init, cfg.out, log).history  # noqa: E731
+        run = lambda c, **kw: experiment_run(replace(c, **kw), data, init, cfg.out, log).history  # noqa: E731
         log(f"--- seed {seed}: full, {total} epochs")
         full = run(scfg, mode="full", epochs=total, finetune=0, out=os.path.join(root, "full"))
         trunk_out, curves = os.path.join(root, "alternate"), {}
@@ -193,8 +232,8 @@ def run_sweep(argv, where):
         raise gp.UsageError(str(e)) from None
     cfg.out = cfg.out or os.path.join("runs", f"{cfg.dataset}-sweep")
     where["out"] = cfg.out
-    plan = {"kind": "sweep", "config": asdict(replace(cfg, seed=0))}  # seeds, budgets and splits may grow
-    with gp.claim_experiment(cfg.out, plan, resume=True):  # the same command continues a stopped sweep
+    plan = json.loads(json.dumps({"config": asdict(replace(cfg, seed=0))}))  # seeds, budgets and splits may grow
+    with claim_sweep(cfg.out, plan):  # the same command continues a stopped sweep
         return sweep(cfg, splits, sorted(set(args.seeds)))
 
 

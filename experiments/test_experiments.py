@@ -83,7 +83,7 @@ def test_a_sweep_refuses_another_plan_a_plain_run_inside_it_and_bad_budgets(tmp_
     out = str(tmp_path / "sweep")
     assert gp.command("sweep.py", sweep.run_sweep, TINY + ["--budgets", "3", "--out", out]) == 0
     capsys.readouterr()
-    for argv, match in ((TINY + ["--budgets", "3", "--hidden", "8", "--out", out], "hidden differ"),
+    for argv, match in ((TINY + ["--budgets", "3", "--hidden", "8", "--out", out], "whose hidden differ"),
                         (TINY + ["--budgets", "4", "--out", out], "multiples of 3"),
                         (TINY + ["--out", out], "give --budgets"),
                         (TINY + ["--budgets", "3", "--seeds", "-1", "--out", out], "--seed")):
@@ -91,7 +91,7 @@ def test_a_sweep_refuses_another_plan_a_plain_run_inside_it_and_bad_budgets(tmp_
         err = capsys.readouterr().err
         assert err.startswith("sweep.py: error:") and match in err and err.count("\n") == 1, err
     assert gp.main(TINY + ["--epochs", "1", "--resume", "--out", f"{out}/seed0/full"]) == 2
-    assert "part of the experiment" in capsys.readouterr().err
+    assert "belongs to the comparison or sweep" in capsys.readouterr().err
 
 
 def test_benchmark_reports_every_mechanism_with_the_cost_model_without_data(capsys):
@@ -112,6 +112,37 @@ def test_benchmark_reports_every_mechanism_with_the_cost_model_without_data(caps
     assert benchmark.predicted_step(cfg, [0]) == pytest.approx(f0)
     assert benchmark.predicted_step(cfg, [1]) == pytest.approx((f0 + 3 * (1 - f0)) / 3)
     assert benchmark.predicted_step(cfg, [0, 1]) == pytest.approx(1.0)
+
+
+def test_recompute_gives_the_plain_gradients_and_saves_far_fewer_activations():
+    torch.manual_seed(0)
+    model = gp.Glow(in_channels=1, image_size=8, n_levels=3, n_steps=2, hidden=8, parts=[3, 1, 2])
+    x = torch.rand(8, 1, 8, 8) - 0.5
+    model.initialize(x)
+
+    def grads(m):
+        m.zero_grad(set_to_none=True)
+        loss = m.bits_per_dim(m.log_prob(x)).mean() + m.part_loss(x, 1)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+    plain_loss, plain = grads(model)
+    plain_bytes = gp.measure_step(model, x, "full", [0, 1, 2])[0]
+    recomputed = benchmark.recompute(model)
+    loss, again = grads(recomputed)
+    assert torch.equal(loss, plain_loss) and len(again) == len(plain)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(again, plain))
+    inputs = {}  # what recomputation must still keep: every flow step's input (its storage)
+
+    def note(module, args):
+        inputs[args[0].untyped_storage().data_ptr()] = args[0].untyped_storage().nbytes()
+    for m in recomputed.modules():
+        if isinstance(m, gp.FlowStep):
+            m.register_forward_pre_hook(note)
+    kept = gp.measure_step(recomputed, x, "full", [0, 1, 2])[0]
+    assert sum(inputs.values()) <= kept < plain_bytes / 2
+    with torch.no_grad():
+        zs, _, _ = recomputed(x)
+        assert (recomputed.reverse(zs) - x).abs().max() < 1e-4
 
 
 def torchrun(nproc, script, args, timeout=600):
