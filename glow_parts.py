@@ -1171,14 +1171,16 @@ def interrupt(signum, frame):
 def command(prog, work, argv=None):
     """Run work(argv, where) with the promises of every command here; return its exit code: 2 and one line
     for bad input (UsageError); 1 and one line when the run cannot go on (RunStopped, or OSError: the disk,
-    a directory in a file's place); 130 / 143 on Ctrl-C / SIGTERM. Each last line says what is kept in
+    a directory in a file's place; or memory); 130 / 143 on Ctrl-C / SIGTERM. Each last line says what is kept in
     where["out"], which work sets as soon as it knows it."""
     rank, where = torchrun_env()[0], {}
     previous = [signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)]
     try:
         work(argv, where)
         return 0
-    except (UsageError, RunStopped, OSError, KeyboardInterrupt) as e:
+    except (UsageError, RunStopped, OSError, KeyboardInterrupt, MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+            raise  # a bug: its traceback is the report
         for s in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the last line short
             signal.signal(s, lambda *args: None)
         if isinstance(e, UsageError):
@@ -1193,8 +1195,9 @@ def command(prog, work, argv=None):
                 print(f"{prog}: interrupted ({'SIGTERM' if e.args[:1] == (signal.SIGTERM,) else 'Ctrl-C'}); "
                       f"{checkpoint_note(where.get('out'))}", file=sys.stderr)
             return 143 if e.args[:1] == (signal.SIGTERM,) else 130
-        why = str(e) if isinstance(e, RunStopped) else f"{e.strerror or e}: {e.filename}; " \
-            + checkpoint_note(where.get("out"))
+        why = str(e) if isinstance(e, RunStopped) else f"{e.strerror or e}: {e.filename}" if isinstance(e, OSError) \
+            else f"out of memory ({str(e).splitlines()[0][:200]})"
+        why = why if isinstance(e, RunStopped) else f"{why}; {checkpoint_note(where.get('out'))}"
         print(f"{prog}: stopped: {why}", file=sys.stderr)
         return 1
     finally:

@@ -678,6 +678,11 @@ def test_a_failing_disk_or_a_directory_in_a_files_place_is_one_line_and_the_last
     assert not list(out.glob("*.tmp"))
 
 
+def test_a_model_too_big_for_memory_is_one_line_not_a_traceback(tmp_path, capsys):
+    assert gp.main(TINY + ["--hidden", "10000000000", "--levels", "1", "--epochs", "1", "--out", str(tmp_path)]) == 1
+    assert "out of memory" in one_error_line(capsys, kind="stopped")
+
+
 def malform(ckpt, how):
     if how == "no rng":
         del ckpt["rng"]

@@ -127,8 +127,12 @@ def run_benchmark(argv, where):
                                                             "its input and runs again in backward")
     args = p.parse_args(argv)
     modes, repeats, recomputed = args.modes, args.repeats, args.recompute
-    if repeats < 1:
-        raise gp.UsageError(f"--repeats must be at least 1, got {repeats}")
+    unused = [n for n in ("mode", "epochs", "finetune", "data_dir", "subset", "lr", "warmup", "alternate_every", "ema",
+                          "out") if hasattr(args, n)]
+    if unused or repeats < 1 or gp.torchrun_env()[2] > 1:
+        raise gp.UsageError(f"{gp.flags(unused)}: the benchmark times steps of the model these flags do not shape; "
+                            f"give --modes for the mechanisms" if unused else f"--repeats must be at least 1, got "
+                            f"{repeats}" if repeats < 1 else "the benchmark times steps in one process: no torchrun")
     for name in ("modes", "repeats", "recompute"):
         delattr(args, name)
     cfg, _ = gp.config_from_args(args)  # every flag checked as glow_parts.py checks it

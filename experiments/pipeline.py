@@ -117,7 +117,9 @@ def run_pipeline(argv, where):
     p = gp.make_parser("The parts of Glow on separate processes (torchrun), one part per process.")
     p.add_argument("--resume", action="store_true", help="continue the pipeline's run in --out")
     args = p.parse_args(argv)
-    args.mode, args.compare, args.compare_modes = "parallel", False, None
+    if getattr(args, "mode", "parallel") != "parallel" or hasattr(args, "alternate_every"):
+        raise gp.UsageError("the pipeline trains --mode parallel only: every part on every batch")
+    args.mode = "parallel"
     cfg, ckpt = gp.config_from_args(args, log)
     where["out"] = cfg.out
     if cfg.mode != "parallel":

@@ -206,6 +206,10 @@ def parse_splits(text):
     return [tuple(int(v) for v in s.split("+", 1)) for s in text.split(",")]
 
 
+def parse_seeds(text):
+    return [int(v) for v in text.split(",")]
+
+
 def parse_budgets(text):
     """30,60,90: the splits 2N/3 + N/3 of each budget N (a multiple of 3)."""
     budgets = [int(v) for v in text.split(",")]
@@ -218,23 +222,29 @@ def run_sweep(argv, where):
     p = gp.make_parser("The budget sweep over seeds: full N epochs against alternate A + finetune F.")
     p.add_argument("--budgets", type=parse_budgets, default=[], help="budgets N (multiples of 3): 2N/3 + N/3 each")
     p.add_argument("--splits", type=parse_splits, default=[], help="more splits A+F, e.g. 75+15,45+45")
-    p.add_argument("--seeds", type=lambda t: [int(v) for v in t.split(",")], default=[0], help="seeds (default: 0)")
+    p.add_argument("--seeds", type=parse_seeds, default=[0], help="seeds, each with its own weights, data order and "
+                                                                 "noise (default: 0)")
     args = p.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if k not in ("budgets", "splits", "seeds")}
-    splits = sorted(set(args.budgets + args.splits))
+    fixed = [name for name in ("mode", "epochs", "finetune", "seed") if hasattr(args, name)]
+    if fixed or gp.torchrun_env()[2] > 1:
+        raise gp.UsageError(f"{gp.flags(fixed)}: the sweep sets each run's mode and epochs, and --seeds its seeds"
+                            if fixed else "the sweep times its runs in one process: run it without torchrun")
+    splits, seeds, default_out = sorted(set(args.budgets + args.splits)), sorted(set(args.seeds)), not hasattr(args, "out")
     if not splits or any(A < 1 or F < 0 for A, F in splits):
         raise gp.UsageError("give --budgets and/or --splits, each with at least one alternate epoch")
+    for name in ("budgets", "splits", "seeds"):
+        delattr(args, name)
+    cfg, _ = gp.config_from_args(args)  # every flag checked as glow_parts.py checks it
     try:
-        cfg = replace(gp.Config(**given), epochs=1, finetune=0)  # the runs set their own epochs
-        for seed in args.seeds:
+        for seed in seeds:
             replace(cfg, seed=seed)  # each seed checked like --seed
     except ValueError as e:
-        raise gp.UsageError(str(e)) from None
-    cfg.out = cfg.out or os.path.join("runs", f"{cfg.dataset}-sweep")
+        raise gp.UsageError(str(e).replace("--seed", "--seeds")) from None
+    cfg = replace(cfg, epochs=1, finetune=0, out=os.path.join("runs", f"{cfg.dataset}-sweep") if default_out else cfg.out)
     where["out"] = cfg.out
     plan = json.loads(json.dumps({"config": asdict(replace(cfg, seed=0))}))  # seeds, budgets and splits may grow
     with claim_sweep(cfg.out, plan):  # the same command continues a stopped sweep
-        return sweep(cfg, splits, sorted(set(args.seeds)))
+        return sweep(cfg, splits, seeds)
 
 
 if __name__ == "__main__":

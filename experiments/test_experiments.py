@@ -95,9 +95,11 @@ def test_a_sweep_refuses_another_plan_a_plain_run_inside_it_and_bad_budgets(tmp_
 
 
 def test_benchmark_reports_every_mechanism_with_the_cost_model_without_data(capsys):
-    assert gp.command("benchmark.py", benchmark.run_benchmark,
-                      TINY + ["--modes", "full,alternate,parallel", "--repeats", "1"]) == 0
+    shape = ["--dataset", "digits", "--levels", "2", "--steps", "2", "--hidden", "16", "--batch-size", "32"]
+    assert gp.command("benchmark.py", benchmark.run_benchmark, shape + ["--modes", "full,alternate,parallel",
+                                                                        "--repeats", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert gp.command("benchmark.py", benchmark.run_benchmark, TINY) == 2  # training flags shape no step: refused
     assert [line.split("|")[1].strip() for line in rows[1:]] == ["full", "alternate", "parallel"]
     result = {r["mode"]: r for r in benchmark.benchmark(gp.Config(**{
         "dataset": "digits", "levels": 2, "steps": 2, "hidden": 16, "batch_size": 32}),
