@@ -34,6 +34,8 @@ The truncated objective
 What differs from the paper (and the official code)
   - Adam with linear warmup and a constant rate; Polyak averaging only with --ema; no classes.
   - Zero-padded convolutions (the official code adds an "edge" channel instead).
+  - The split priors' log-std is bounded to (-5, 5) by 5 tanh(./5) (--prior-bound): unbounded, a prior
+    extrapolating to an input outside its training range can make one image's bits/dim explode.
   - The top prior is a free mean / log-std per latent position (the official code: a zero conv over a
     constant); the split prior and coupling use contiguous channel halves (the official code interleaves).
   - Bits/dim is measured with one uniform-noise dequantization sample, as in the paper's tables;
@@ -205,7 +207,7 @@ class Split(nn.Module):
 
     def mean_logs(self, h):  # with a bound B (--prior-bound): log std = B tanh(raw / B), within (-B, B)
         mean, logs = self.prior(h).chunk(2, dim=1)
-        return mean, logs if self.bound is None else self.bound * torch.tanh(logs / self.bound)
+        return mean, self.bound * torch.tanh(logs / self.bound) if self.bound else logs
 
     def forward(self, x):
         h, z = x.chunk(2, dim=1)
@@ -335,7 +337,7 @@ class Glow(nn.Module):
     parameter is in exactly one part. Call initialize(x) on a batch before training (ActNorm's init)."""
 
     def __init__(self, in_channels=3, image_size=32, n_levels=3, n_steps=32, hidden=512, parts=None,
-                 n_bits=8, part_prior="standard", prior_bound=None):
+                 n_bits=8, part_prior="standard", prior_bound=5.0):
         super().__init__()
         parts = check_flow(default_parts(n_levels, n_steps) if parts is None else parts, n_levels, n_steps, image_size)
         self.n_bits, self.part_sizes, self.n_splits = n_bits, parts, n_levels - 1
@@ -555,8 +557,8 @@ class Config:
                                        int, 1, many=True)
     part_prior: str = setting("standard", "prior on a part's output h_k: N(0, I), or a learned diagonal Gaussian",
                               str, choices=("standard", "learned"))
-    prior_bound: float | None = setting(None, "bound the split priors' log-std to (-B, B) by B tanh(./B); None: "
-                                        "unbounded (the paper)", float, 0.0)
+    prior_bound: float = setting(5.0, "bound the split priors' log-std to (-B, B) by B tanh(./B); 0: unbounded, "
+                                 "as in the paper", float)
     batch_size: int = setting(64, "images per step (the global batch under torchrun)", int, 1)
     lr: float | list = setting(1e-3, "Adam's rate, or one per part (1e-3,2e-3,2e-3,1e-3)", float, 0.0, many=True)
     warmup: int | None = setting(None, "linear warmup over each part's first N updates; None: an epoch's steps "
@@ -588,6 +590,8 @@ class Config:
             self.parts = balanced_parts(int(auto[5:]), macs)
         self.parts = check_flow(self.parts or default_parts(self.levels, self.steps), self.levels, self.steps,
                                 self.image_size)
+        if not 0 <= self.prior_bound < math.inf:  # nan fails too
+            raise ValueError(f"--prior-bound: must be 0 (unbounded) or positive and finite, got {self.prior_bound}")
         self.lr = self.lr if isinstance(self.lr, list) else [self.lr]
         self.lr = self.lr * len(self.parts) if len(self.lr) == 1 else self.lr
         if len(self.lr) != len(self.parts):
@@ -1116,11 +1120,11 @@ def config_from_args(args, log=print):
         raise UsageError("a comparison is not continued: run it again into a new --out")
     try:
         if resume:  # the checkpoint's config, with the flags given applied one by one
-            for f in [f for f in fields(Config) if f.name in given and f.name in ("out", "dataset", "mode")]:
+            where = {f.name: given.get(f.name, f.default) for f in fields(Config) if f.name in ("out", "dataset",
+                                                                                                "mode")}
+            for f in [f for f in fields(Config) if f.name in where and f.name in given]:
                 check_setting(f, given[f.name])
-            default = {f.name: f.default for f in fields(Config)}
-            out = given.get("out") or os.path.join("runs", f"{given.get('dataset', default['dataset'])}-"
-                                                           f"{given.get('mode', default['mode'])}")
+            out = where["out"] or os.path.join("runs", f"{where['dataset']}-{where['mode']}")
             ckpt = load_checkpoint(os.path.join(out, "checkpoint.pt"))
             if ckpt["owner"]:
                 raise UsageError(f"--out {out}: this run belongs to the comparison or sweep in {ckpt['owner']}; "
@@ -1136,6 +1140,12 @@ def config_from_args(args, log=print):
         raise UsageError(str(e)) from None
     except (RuntimeError, AssertionError) as e:
         raise UsageError(f"--device {cfg.device}: not usable here ({str(e).splitlines()[0]})") from None
+    uses = {"mode": not compare, "alternate_every": cfg.mode == "alternate" or compare,
+            "part_prior": len(cfg.parts) > 1, "prior_bound": cfg.levels > 1}
+    unused = [k for k, used in uses.items() if k in given and not used]
+    if unused:  # a flag that this run would accept and ignore
+        raise UsageError(f"{flags(unused)}: this run has no use for it (--compare trains --compare-modes; "
+                         f"--alternate-every is for --mode alternate; the priors need two parts, two levels)")
     if cfg.epochs + cfg.finetune == 0 or (compare and cfg.epochs == 0):
         raise UsageError("--compare times each mechanism's own epochs: give --epochs >= 1" if compare else
                          "nothing to train: give --epochs (and --finetune)")
@@ -1170,9 +1180,9 @@ def interrupt(signum, frame):
 
 def command(prog, work, argv=None):
     """Run work(argv, where) with the promises of every command here; return its exit code: 2 and one line
-    for bad input (UsageError); 1 and one line when the run cannot go on (RunStopped, or OSError: the disk,
-    a directory in a file's place; or memory); 130 / 143 on Ctrl-C / SIGTERM. Each last line says what is kept in
-    where["out"], which work sets as soon as it knows it."""
+    for bad input (UsageError); 1 and one line when the run cannot go on (RunStopped, or the disk, a path or
+    the memory failed); 130 / 143 on Ctrl-C / SIGTERM. Each last line says what is kept in where["out"],
+    which work sets as soon as it knows it."""
     rank, where = torchrun_env()[0], {}
     previous = [signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)]
     try:
@@ -1183,23 +1193,20 @@ def command(prog, work, argv=None):
             raise  # a bug: its traceback is the report
         for s in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the last line short
             signal.signal(s, lambda *args: None)
-        if isinstance(e, UsageError):
-            if rank == 0:
-                print(f"{prog}: error: {e}", file=sys.stderr)
-            else:  # quiet while torchrun stops this process, so that process 0 is the one that says why
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                time.sleep(2)
-            return 2
-        if isinstance(e, KeyboardInterrupt):
-            if rank == 0:
-                print(f"{prog}: interrupted ({'SIGTERM' if e.args[:1] == (signal.SIGTERM,) else 'Ctrl-C'}); "
-                      f"{checkpoint_note(where.get('out'))}", file=sys.stderr)
-            return 143 if e.args[:1] == (signal.SIGTERM,) else 130
-        why = str(e) if isinstance(e, RunStopped) else f"{e.strerror or e}: {e.filename}" if isinstance(e, OSError) \
-            else f"out of memory ({str(e).splitlines()[0][:200]})"
-        why = why if isinstance(e, RunStopped) else f"{why}; {checkpoint_note(where.get('out'))}"
-        print(f"{prog}: stopped: {why}", file=sys.stderr)
-        return 1
+        kept, term = checkpoint_note(where.get("out")), e.args[:1] == (signal.SIGTERM,)
+        if isinstance(e, (UsageError, RunStopped)):
+            code, line = (2, f"error: {e}") if isinstance(e, UsageError) else (1, f"stopped: {e}")
+        elif isinstance(e, KeyboardInterrupt):
+            code, line = (143, f"interrupted (SIGTERM); {kept}") if term else (130, f"interrupted (Ctrl-C); {kept}")
+        else:  # the environment failed: a disk, a path, the memory
+            why = f"{e.strerror or e}: {e.filename}" if isinstance(e, OSError) else f"out of memory ({str(e)[:200]})"
+            code, line = 1, f"stopped: {why}; {kept}"
+        if rank == 0 or code == 1:
+            print(f"{prog}: {line}", file=sys.stderr)
+        elif code == 2:  # quiet while torchrun stops this process, so that process 0 is the one that says why
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(2)
+        return code
     finally:
         for s, handler in zip((signal.SIGINT, signal.SIGTERM), previous):
             signal.signal(s, handler)

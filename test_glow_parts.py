@@ -224,6 +224,7 @@ def test_default_model_is_the_cifar10_glow_cut_as_the_poster_in_the_library_and_
     model = gp.Glow()
     assert model.part_sizes == [32, 16, 16, 32] == gp.Config().parts
     assert sum(isinstance(l, gp.FlowStep) for p in model.parts for l in p.layers) == 96
+    assert gp.Config().prior_bound == 5.0 and all(m.bound == 5.0 for m in model.modules() if isinstance(m, gp.Split))
     assert gp.default_parts(2, 8) == [8, 8] and gp.default_parts(3, 5) == [5, 2, 3, 5]
 
 
@@ -533,11 +534,16 @@ BAD = {  # flags (added to TINY --epochs 1 --out <fresh>) -> what the one line m
     "compare without epochs": (["--compare", "--epochs", "0", "--finetune", "1"], "--epochs >= 1"),
     "out under /proc": (["--out", "/proc/glow-parts-test/run"], "cannot create"),
     "unknown part prior": (["--part-prior", "wide"], "--part-prior"),
-    "prior bound zero": (["--prior-bound", "0"], "--prior-bound"),
+    "prior bound negative": (["--prior-bound", "-1"], "--prior-bound"),
+    "prior bound inf": (["--prior-bound", "inf"], "--prior-bound"),
     "compare modes without full": (["--compare", "--compare-modes", "alternate,sequential"], "full"),
     "compare modes twice": (["--compare", "--compare-modes", "full,alternate,full"], "each once"),
     "compare modes without compare": (["--compare-modes", "full,alternate"], "give --compare too"),
     "ema out of range": (["--ema", "1"], "--ema"),
+    "turns without turns": (["--mode", "full", "--alternate-every", "5"], "--alternate-every"),
+    "mode with compare": (["--compare", "--mode", "sequential"], "--mode"),
+    "part prior of one part": (["--parts", "4", "--part-prior", "learned"], "--part-prior"),
+    "split prior bound without a split": (["--levels", "1", "--steps", "4", "--prior-bound", "3"], "--prior-bound"),
 }
 
 

@@ -19,6 +19,7 @@ sys.path.insert(0, HERE)
 import benchmark  # noqa: E402
 import glow_parts as gp  # noqa: E402
 import pipeline  # noqa: E402
+import spike  # noqa: E402
 import sweep  # noqa: E402
 
 TINY = ["--dataset", "digits", "--levels", "2", "--steps", "2", "--hidden", "16", "--subset", "512",
@@ -220,3 +221,14 @@ def test_a_dead_process_under_torchrun_leaves_one_line_from_the_survivor_naming_
     ours = [line for line in err.splitlines() if line.startswith("glow_parts.py:")]
     assert proc.returncode != 0 and len(ours) == 1 and "is kept" in ours[0], err[-3000:]
     assert "glow_parts.py\", line" not in err, err[-3000:]
+
+
+def test_spike_records_every_step_of_the_schedule_and_finds_the_largest_rise(tmp_path, capsys):
+    out = tmp_path / "spike"
+    assert gp.command("spike.py", spike.run_spike, TINY + ["--mode", "alternate", "--epochs", "2", "--out", str(out)]) == 0
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [s["part"] for s in steps] == [i % 2 for i in range(2 * 16)]  # alternate: parts 1, 2, 1, 2, ...
+    assert all(s["update_norm"] > 0 and s["adam_v_max"] > 0 and s["grad_norm"]["ActNorm"] > 0 for s in steps)
+    assert len((out / "layers.jsonl").read_text().splitlines()) == 2 and metrics(out)[-1]["epoch"] == 2
+    curve = [{"epoch": e, "bpd": b} for e, b in enumerate([5.0, 4.0, 4.5, 3.0, 3.9, 3.2], 1)]
+    assert spike.largest_rise(curve, "bpd") == (5, pytest.approx(0.9))  # 3.9 above the best so far, 3.0
