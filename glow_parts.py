@@ -564,6 +564,7 @@ class Config:
     warmup: int | None = setting(None, "linear warmup over each part's first N updates; None: an epoch's steps "
                                  "/ the parts, at most 500", int, 1)
     alternate_every: int = setting(1, "steps per turn in alternate mode", int, 1)
+    clip: float | None = setting(None, "clip each learning part's gradient to this norm; None: no clipping", float, 0.0)
     compile: bool | None = setting(None, "torch.compile every part; None: on a GPU (it pays at once), not on a "
                                    "CPU (it takes minutes)", bool, action=argparse.BooleanOptionalAction)
     ema: float | None = setting(None, "Polyak averaging: the decay of the weights' moving average, which "
@@ -642,6 +643,8 @@ def step_parts(run, learning):
     for k in learning:
         for group in run.optimizers[k].param_groups:
             group["lr"] = run.cfg.lr[k] * min(1.0, (run.updates[k] + 1) / run.cfg.warmup)
+        if run.cfg.clip:  # the part's gradient, scaled down to norm `clip` if it is longer
+            torch.nn.utils.clip_grad_norm_(run.model.parts[k].parameters(), run.cfg.clip)
         run.optimizers[k].step()
         run.updates[k] += 1
 
@@ -1082,7 +1085,7 @@ def make_parser(description="Glow trained in gradient-isolated parts: full, alte
                        help=f"{m['help']} (default: {f.default})", **kwargs)
     return p
 
-RESUMABLE = ("epochs", "finetune", "lr", "warmup", "data_dir", "device", "out", "compile")
+RESUMABLE = ("epochs", "finetune", "lr", "warmup", "clip", "data_dir", "device", "out", "compile")
 
 def flags(names):
     return ", ".join("--" + name.replace("_", "-") for name in names)

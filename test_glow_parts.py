@@ -386,6 +386,17 @@ def test_a_step_changes_only_the_learning_parts_parameters(mode, learning, monke
     assert run.updates == [1 if k in learning else 0 for k in range(3)]
 
 
+def test_clip_scales_each_learning_parts_gradient_to_the_norm_given_and_no_other():
+    run, (images, _) = gp.start_run(tiny_cfg(clip=1e-3))
+    x = gp.preprocess(images[:32], 4)
+    sum(gp.losses(run.model, x, "alternate", [1])).backward()  # part 2's truncated loss: its gradient only
+    norm = lambda part: torch.cat([p.grad.flatten() for p in part.parameters() if p.grad is not None]).norm()  # noqa
+    before = norm(run.model.parts[1])
+    gp.step_parts(run, [1])
+    assert before > 1e-2 and norm(run.model.parts[1]).item() == pytest.approx(1e-3, rel=1e-4)
+    assert all(p.grad is None for p in run.model.parts[0].parameters()) and run.updates == [0, 1]
+
+
 def test_finetune_phase_follows_the_mode_and_trains_every_part(tmp_path):
     history = tiny_train(tiny_cfg(mode="sequential", epochs=2, finetune=1)).history
     assert [m["phase"] for m in history] == ["sequential", "sequential", "finetune"]
@@ -540,6 +551,7 @@ BAD = {  # flags (added to TINY --epochs 1 --out <fresh>) -> what the one line m
     "compare modes twice": (["--compare", "--compare-modes", "full,alternate,full"], "each once"),
     "compare modes without compare": (["--compare-modes", "full,alternate"], "give --compare too"),
     "ema out of range": (["--ema", "1"], "--ema"),
+    "clip zero": (["--clip", "0"], "--clip"),
     "turns without turns": (["--mode", "full", "--alternate-every", "5"], "--alternate-every"),
     "mode with compare": (["--compare", "--mode", "sequential"], "--mode"),
     "part prior of one part": (["--parts", "4", "--part-prior", "learned"], "--part-prior"),
