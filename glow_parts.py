@@ -914,11 +914,13 @@ def measure_step(model, x, phase, learning):
     model.zero_grad(set_to_none=True)
     return sum(saved.values()), crossing[0], torch.cuda.max_memory_allocated(x.device) if cuda else None
 
+def mechanism_steps(mode, n_parts):
+    """The kinds of step a mechanism takes, read off its schedule (learning_parts) over one turn of each part."""
+    return [list(k) for k in dict.fromkeys(tuple(learning_parts(mode, s, n_parts, n_parts)) for s in range(n_parts))]
+
 def step_costs(model, x, mode):
     """measure_step for each kind of step the mechanism takes (one turn of its schedule): the largest."""
-    n = len(model.parts)
-    kinds = dict.fromkeys(tuple(learning_parts(mode, step, n, n)) for step in range(n))
-    costs = [measure_step(model, x, mode, list(learning)) for learning in kinds]
+    costs = [measure_step(model, x, mode, learning) for learning in mechanism_steps(mode, len(model.parts))]
     return {"activation_bytes": max(c[0] for c in costs), "boundary_backward_bytes": max(c[1] for c in costs),
             "cuda_max_memory_allocated": costs[0][2] and max(c[2] for c in costs)}
 

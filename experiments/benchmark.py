@@ -65,16 +65,15 @@ def recompute(model):
 def time_steps(run, x, mode, repeats):
     """Median seconds of the loop's own step (losses, backward, the learning parts' Adams at a tiny rate)
     for each kind of step the mechanism takes, after one untimed step of each."""
-    n = len(run.model.parts)
     medians = []
-    for learning in dict.fromkeys(tuple(gp.learning_parts(mode, s, n, n)) for s in range(n)):
+    for learning in gp.mechanism_steps(mode, len(run.model.parts)):
         seconds = []
         for _ in range(repeats + 1):
             gp.sync(x.device)
             t0 = time.perf_counter()
             run.model.zero_grad(set_to_none=True)
-            sum(gp.losses(run.model, x, mode, list(learning))).backward()
-            gp.step_parts(run, list(learning))
+            sum(gp.losses(run.model, x, mode, learning)).backward()
+            gp.step_parts(run, learning)
             gp.sync(x.device)
             seconds.append(time.perf_counter() - t0)
         medians.append(statistics.median(seconds[1:]))
@@ -91,12 +90,10 @@ def benchmark(cfg, modes, repeats=5, log=print, recomputed=False):
     for mode in modes:
         run, _ = gp.start_run(replace(cfg, mode=mode, lr=1e-6, warmup=1, out=None), (images, images))
         run.model = recompute(run.model) if recomputed else run.model
-        n = len(cfg.parts)
-        kinds = dict.fromkeys(tuple(gp.learning_parts(mode, s, n, n)) for s in range(n))
-        medians = time_steps(run, x, mode, repeats)
+        medians, kinds = time_steps(run, x, mode, repeats), gp.mechanism_steps(mode, len(cfg.parts))
         rows.append({"mode": mode, "step_seconds": statistics.fmean(medians), "part_step_seconds": medians,
                      **gp.step_costs(run.model, x, mode),
-                     "predicted": statistics.fmean(predicted_step(cfg, list(k)) for k in kinds)})
+                     "predicted": statistics.fmean(predicted_step(cfg, k) for k in kinds)})
     full = next((r for r in rows if r["mode"] == "full"), rows[0])
     table = gp.markdown_table(
         ["mechanism", "step s", "step / full", "cost model", "per-part step s", "activations MB", "CUDA peak MB",

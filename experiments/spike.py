@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import glow_parts as gp  # noqa: E402
+from sweep import largest_rise  # noqa: E402
 
 KINDS = {"actnorm": "ActNorm", "invconv": "1x1 conv", "conv3": "coupling output", "coupling": "coupling net",
          "prior": "priors"}  # the first key in a parameter's name names its kind
@@ -80,16 +81,6 @@ def layer_state(model, x):
         state.append({k: [min(v), max(v)] if k != "invconv_cond" and v else max(v, default=None)
                       for k, v in s.items()})
     return state
-
-
-def largest_rise(curve, key):
-    """(epoch, rise) of the largest rise of curve[key] above its best so far."""
-    best, top = float("inf"), (None, 0.0)
-    for m in curve:
-        if m[key] - best > top[1]:
-            top = (m["epoch"], m[key] - best)
-        best = min(best, m[key])
-    return top
 
 
 def report(run, steps, layers, log=print):

@@ -74,11 +74,13 @@ def branch(trunk_out, out):
 
 
 def largest_rise(curve, key):
-    """The largest rise of a run's test bits/dim above its best so far: how far a spike set it back."""
-    best, rise = float("inf"), 0.0
+    """(epoch, rise) of the largest rise of curve[key] above its best so far: how far a spike set a run back."""
+    best, top = float("inf"), (None, 0.0)
     for m in curve:
-        rise, best = max(rise, m[key] - best), min(best, m[key])
-    return rise
+        if m[key] - best > top[1]:
+            top = (m["epoch"], m[key] - best)
+        best = min(best, m[key])
+    return top
 
 
 def sweep(cfg, splits, seeds, log=print):
