@@ -550,6 +550,7 @@ class Config:
     image_size: int | None = setting(None, "resize to this size; None: native", int, 1, 1024)
     n_bits: int | None = setting(None, "bits per pixel kept; None: 8, or 4 for digits", int, 1, 8)
     subset: int | None = setting(None, "train on the first N training images; None: all", int, 1)
+    test_subset: int | None = setting(None, "evaluate on the first N test images (quicker); None: all", int, 1)
     levels: int = setting(3, "L, levels of the multi-scale flow", int, 1, 10)
     steps: int = setting(32, "K, flow steps per level", int, 1)
     hidden: int = setting(512, "channels of the coupling networks", int, 1)
@@ -769,9 +770,11 @@ def build_model(cfg):
 def prepare_data(cfg):
     """(train, test) uint8 images of the dataset named in cfg, subset and resized."""
     train_images, test_images = load_images(cfg.dataset, cfg.data_dir)
-    if (cfg.subset or 0) > len(train_images):
-        raise UsageError(f"--subset {cfg.subset}: {cfg.dataset} has only {len(train_images)} training images")
-    return resize(train_images[:cfg.subset], cfg.image_size), resize(test_images, cfg.image_size)
+    for flag, n, images, split in (("subset", cfg.subset, train_images, "training"),
+                                   ("test-subset", cfg.test_subset, test_images, "test")):
+        if (n or 0) > len(images):
+            raise UsageError(f"--{flag} {n}: {cfg.dataset} has only {len(images)} {split} images")
+    return resize(train_images[:cfg.subset], cfg.image_size), resize(test_images[:cfg.test_subset], cfg.image_size)
 
 def write_atomic(path, write):
     """write(temporary path), then rename it onto path: a reader (or a resume) sees the old file or the

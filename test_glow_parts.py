@@ -469,6 +469,8 @@ def test_fashion_mnist_loads_idx_files_and_resizes(tmp_path):
     cfg = tiny_cfg(dataset="fashion-mnist", data_dir=str(tmp_path), image_size=16, subset=10, levels=2)
     train, test = gp.prepare_data(cfg)
     assert train.shape == (10, 1, 16, 16) and test.shape == (6, 1, 16, 16) and train.dtype == torch.uint8
+    _, first = gp.prepare_data(replace(cfg, test_subset=4))  # --test-subset: the first N test images
+    assert torch.equal(first, test[:4])
 
 
 def offline(monkeypatch):
@@ -529,6 +531,8 @@ BAD = {  # flags (added to TINY --epochs 1 --out <fresh>) -> what the one line m
     "hidden": (["--hidden", "0"], "--hidden"),
     "subset zero": (["--subset", "0"], "--subset"),
     "subset larger than the data": (["--subset", "1501"], "only 1500 training images"),
+    "test subset zero": (["--test-subset", "0"], "--test-subset"),
+    "test subset larger than the data": (["--test-subset", "298"], "only 297 test images"),
     "n bits low": (["--n-bits", "0"], "--n-bits"),
     "n bits high": (["--n-bits", "17"], "--n-bits"),
     "unknown flag": (["--bogus"], "--bogus"),

@@ -124,8 +124,8 @@ def run_benchmark(argv, where):
                                                             "its input and runs again in backward")
     args = p.parse_args(argv)
     modes, repeats, recomputed = args.modes, args.repeats, args.recompute
-    unused = [n for n in ("mode", "epochs", "finetune", "data_dir", "subset", "lr", "warmup", "alternate_every", "ema",
-                          "out") if hasattr(args, n)]
+    unused = [n for n in ("mode", "epochs", "finetune", "data_dir", "subset", "test_subset", "lr", "warmup",
+                          "alternate_every", "ema", "out") if hasattr(args, n)]
     if unused or repeats < 1 or gp.torchrun_env()[2] > 1:
         raise gp.UsageError(f"{gp.flags(unused)}: the benchmark times steps of the model these flags do not shape; "
                             f"give --modes for the mechanisms" if unused else f"--repeats must be at least 1, got "
