@@ -688,10 +688,8 @@ def train(run, data, log=print, shard=slice(None)):
                 loss_sums[k], loss_counts[k] = loss_sums[k] + v, loss_counts[k] + 1
         sync(device)
         run.seconds += time.perf_counter() - t_epoch
-        test = evaluate(run.ema or model, test_images, cfg.batch_size, device)
-        raw_bpd = evaluate(model, test_images, cfg.batch_size, device)["test_bpd"] if run.ema else None
         train_parts = [s / c if c else None for s, c in zip(loss_sums, loss_counts)]
-        finish_epoch(run, epoch, phase, train_parts, test, log, raw_bpd)
+        finish_epoch(run, epoch, phase, train_parts, evaluate_run(run, test_images), log)
     return run
 
 @torch.no_grad()
@@ -722,14 +720,19 @@ def evaluate(model, images, batch_size, device):
             "test_outliers": len(worse), "test_outlier_ids": worse[:20].tolist(),
             "test_dominated": bool(part_bpd[-1] > torch.quantile(bpd, 0.99).item())}
 
+def evaluate_run(run, images):
+    """evaluate() of the run's model (with --ema, of the averaged weights, and raw_test_bpd of the raw ones)."""
+    score = lambda model: evaluate(model, images, run.cfg.batch_size, torch.device(run.cfg.device))  # noqa: E731
+    return {**score(run.ema), "raw_test_bpd": score(run.model)["test_bpd"]} if run.ema else score(run.model)
+
 def sync(device):
     """Wait for the device, so that a clock read afterwards times work that has really finished."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-def finish_epoch(run, epoch, phase, train_parts, test, log, raw_bpd=None):
-    """Record and print the epoch's metrics (test: evaluate()'s; with --ema, the averaged weights', and
-    raw_bpd the raw weights'); write samples, checkpoint and metrics.jsonl."""
+def finish_epoch(run, epoch, phase, train_parts, test, log):
+    """Record and print the epoch's metrics (test: evaluate_run()'s); write samples, checkpoint and
+    metrics.jsonl."""
     if not math.isfinite(test["test_bpd"]):
         k = next(k for k, v in enumerate(test["part_losses"]) if not math.isfinite(v))
         raise RunStopped(f"non-finite test bits/dim in part {k + 1} of {len(test['part_losses'])} at epoch {epoch} "
@@ -737,10 +740,10 @@ def finish_epoch(run, epoch, phase, train_parts, test, log, raw_bpd=None):
     run.epoch = epoch
     run.history.append({"epoch": epoch, "phase": phase, "train_bpd": train_parts[-1], **test,
                         "train_part_losses": None if phase in END_TO_END else train_parts, "seconds": run.seconds,
-                        "steps": run.steps, **({"raw_test_bpd": raw_bpd} if raw_bpd is not None else {})})
+                        "steps": run.steps})
     log(f"epoch {epoch:3d} | {phase:10s} | train " + (f"{train_parts[-1]:.3f}" if train_parts[-1] else "  -  ")
         + f" | test {test['test_bpd']:.3f} | parts " + " ".join(f"{v:.3f}" for v in test["part_losses"])
-        + f" | {run.seconds:7.1f} s" + (f" | raw weights {raw_bpd:.3f}" if raw_bpd is not None else "")
+        + f" | {run.seconds:7.1f} s" + (f" | raw weights {test['raw_test_bpd']:.3f}" if run.ema else "")
         + (f" | a few images make the mean: median {test['test_median_bpd']:.3f}, {test['test_outliers']} "
            f"above {run.model.n_bits}" if test["test_dominated"] else ""))
     if run.cfg.out:

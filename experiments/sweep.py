@@ -2,18 +2,21 @@
 experiments/sweep.py: the poster's question at several budgets, over seeds.
 
 For each seed and budget N (epochs): full training for N epochs against alternate 2N/3 + finetuning
-N/3, and any other split A + F of a budget (--splits). Per seed, full trains once, for the largest
-budget: with a fixed warmup and a constant rate, its first N epochs are the full run of budget N.
-Alternate trains once per seed too; where it reaches A epochs, a copy of it (checkpoint, Adam state
-and RNG) branches off and finetunes for F epochs, exactly as a separate alternate A + finetune F run.
+N/3, and any other split A + F of a budget (--splits). Per seed, full trains once, in stages to each
+budget (with a fixed warmup and a constant rate, its first N epochs are the full run of budget N,
+and a resume is exact). Alternate trains once per seed too; where it reaches A epochs, a copy of it
+(checkpoint, Adam state and RNG) branches off and finetunes for F epochs, exactly as a separate
+alternate A + finetune F run.
 
 Every run is an ordinary run directory, out/seed<S>/full, out/seed<S>/alternate and
 out/seed<S>/alternate<A>+finetune<F>: a stopped sweep loses at most an epoch, and the same command
-continues it (and may add seeds, budgets or splits). Results: out/sweep.json, sweep.png, a table.
+continues it (and may add seeds, budgets or larger splits). With --test-subset N every epoch is
+evaluated on the first N test images (the curves, the rises, the gap at equal time), and the end of
+every stage on the whole test split (the gaps). Results: out/sweep.json, sweep.png, a table.
 
     python experiments/sweep.py --budgets 30,60,90 --splits 75+15,45+45 --seeds 0,1,2 --ema 0.995 \
         --dataset fashion-mnist --image-size 16 --subset 8000 --levels 3 --steps 4 --hidden 64 \
-        --parts 4,2,2,4 --warmup 100 --out runs/fashion16-sweep
+        --parts 4,2,2,4 --warmup 100 --test-subset 2000 --out runs/fashion16-sweep
 """
 import argparse
 import copy
@@ -66,11 +69,19 @@ def claim_sweep(out, plan):
     return lock
 
 
-def branch(trunk_out, out):
+def branch(trunk_out, out, epoch):
     """A new run directory that continues the trunk's checkpoint (a copy of the trunk at its epoch)."""
+    if len(read_curve(trunk_out)) != epoch:
+        raise gp.UsageError(f"{trunk_out} has trained past epoch {epoch}: a split with {epoch} alternate epochs "
+                            f"needs a new --out")
     with gp.claim_run_dir(out):
         for name in ("metrics.jsonl", "checkpoint.pt"):  # the checkpoint last: it makes the directory a run
             gp.write_atomic(os.path.join(out, name), lambda tmp: shutil.copyfile(os.path.join(trunk_out, name), tmp))
+
+
+def read_curve(out):
+    path = os.path.join(out, "metrics.jsonl")
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
 def largest_rise(curve, key):
@@ -85,39 +96,53 @@ def largest_rise(curve, key):
 
 def sweep(cfg, splits, seeds, log=print):
     """Train (or continue) every run of the sweep into cfg.out; write sweep.json and sweep.png."""
-    total, rows, per_seed = max(A + F for A, F in splits), [], []
+    budgets, rows, per_seed = sorted({A + F for A, F in splits}), [], []
     key = "raw_test_bpd" if cfg.ema else "test_bpd"  # spikes are measured on the raw weights
+    whole = gp.prepare_data(replace(cfg, test_subset=None))[1] if cfg.test_subset else None
     for seed in seeds:
         root = os.path.join(cfg.out, f"seed{seed}")
         shared, data = gp.start_run(replace(cfg, seed=seed, out=None))  # the start every run of the seed shares
         init, scfg = copy.deepcopy(shared.model.state_dict()), shared.cfg  # its warmup is fixed now
-        run = lambda c, **kw: experiment_run(replace(c, **kw), data, init, cfg.out, log).history  # noqa: E731
-        log(f"--- seed {seed}: full, {total} epochs")
-        full = run(scfg, mode="full", epochs=total, finetune=0, out=os.path.join(root, "full"))
-        trunk_out, curves = os.path.join(root, "alternate"), {}
+
+        def run(name, **kw):
+            """Train the run (or continue it) to its end: (its curve, its evaluation there). With --test-subset
+            the curve's evaluations use the first N test images, and the end is evaluated on the whole
+            test split (kept in whole-test.json: a rerun neither trains nor evaluates it again)."""
+            c = replace(scfg, **kw, out=os.path.join(root, name))
+            end, path = c.epochs + c.finetune, os.path.join(c.out, "whole-test.json")
+            ends = json.load(open(path)) if os.path.exists(path) else {}
+            curve = read_curve(c.out)
+            if len(curve) < end or whole is not None and str(end) not in ends:
+                log(f"--- seed {seed}: {name}, to epoch {end}")
+                r = experiment_run(c, data, init, cfg.out, log)
+                curve = r.history
+                if whole is not None:
+                    ends[str(end)] = gp.evaluate_run(r, whole)
+                    gp.write_atomic(path, lambda tmp: open(tmp, "w").write(json.dumps(ends, indent=1)))
+            return curve[:end], ends[str(end)] if whole is not None else curve[end - 1]
+
+        full = {N: run("full", mode="full", epochs=N, finetune=0) for N in budgets}  # in stages: a resume is exact
+        trunk, tuned = {}, {}
         for A in sorted({A for A, _ in splits}):
-            outs = {F: os.path.join(root, f"alternate{A}+finetune{F}") for a, F in splits if a == A}
-            if any(not os.path.exists(os.path.join(out, "checkpoint.pt")) for out in outs.values()):
-                log(f"--- seed {seed}: alternate to epoch {A}")
-                run(scfg, mode="alternate", epochs=A, finetune=0, out=trunk_out)
-                for out in outs.values():
-                    if not os.path.exists(os.path.join(out, "checkpoint.pt")):
-                        branch(trunk_out, out)
-            for F, out in outs.items():
-                log(f"--- seed {seed}: alternate {A} + finetune {F}")
-                curves[A, F] = run(scfg, mode="alternate", epochs=A, finetune=F, out=out)
-        trunk = max(curves.values(), key=len)[:max(A for A, _ in splits)]
-        per_seed.append({"seed": seed, "full_curve": full, "alternate_curve": trunk,
-                         "full_largest_rise": largest_rise(full, key), "alternate_largest_rise": largest_rise(trunk, key)})
-        for (A, F), curve in sorted(curves.items()):
-            end, tuned = full[A + F - 1], curve[-1]
-            same_time = gp.at_time(full, tuned["seconds"])
+            trunk[A] = run("alternate", mode="alternate", epochs=A, finetune=0)
+            for F in sorted(F for a, F in splits if a == A):
+                name = f"alternate{A}+finetune{F}"
+                if not os.path.exists(os.path.join(root, name, "checkpoint.pt")):
+                    branch(os.path.join(root, "alternate"), os.path.join(root, name), A)
+                tuned[A, F] = run(name, mode="alternate", epochs=A, finetune=F)
+        full_curve, trunk_curve = full[max(budgets)][0], trunk[max(trunk)][0]
+        per_seed.append({"seed": seed, "full_curve": full_curve, "alternate_curve": trunk_curve,
+                         "full_largest_rise": largest_rise(full_curve, key),
+                         "alternate_largest_rise": largest_rise(trunk_curve, key)})
+        for (A, F), (curve, point) in sorted(tuned.items()):
+            end, same_time = full[A + F][1], gp.at_time(full_curve, curve[-1]["seconds"])
             rows.append({"seed": seed, "budget": A + F, "alternate_epochs": A, "finetune_epochs": F,
-                         "full_bpd": end["test_bpd"], "bpd": tuned["test_bpd"], "gap": tuned["test_bpd"] - end["test_bpd"],
-                         "gap_raw_weights": tuned["raw_test_bpd"] - end["raw_test_bpd"] if cfg.ema else None,
-                         "alternate_bpd": curve[A - 1]["test_bpd"], "time_ratio": tuned["seconds"] / end["seconds"],
-                         "seconds": tuned["seconds"], "full_at_equal_time": same_time["test_bpd"] if same_time else None,
-                         "dominated": any(m and m["test_dominated"] for m in (end, tuned, same_time)),
+                         "full_bpd": end["test_bpd"], "bpd": point["test_bpd"], "gap": point["test_bpd"] - end["test_bpd"],
+                         "gap_raw_weights": point["raw_test_bpd"] - end["raw_test_bpd"] if cfg.ema else None,
+                         "alternate_bpd": trunk[A][1]["test_bpd"], "seconds": curve[-1]["seconds"],
+                         "time_ratio": curve[-1]["seconds"] / full_curve[A + F - 1]["seconds"],
+                         "gap_at_equal_time": curve[-1]["test_bpd"] - same_time["test_bpd"] if same_time else None,
+                         "dominated": any(m and m["test_dominated"] for m in (end, point, curve[-1], same_time)),
                          "finetune_curve": curve[A:]})
     summary = {"config": {**asdict(cfg), "seed": None}, "seeds": seeds, "splits": splits,
                "runs": rows, "per_seed": per_seed, "by_split": aggregate(rows)}
@@ -144,7 +169,7 @@ def aggregate(rows):
         out.append({"budget": A + F, "alternate_epochs": A, "finetune_epochs": F, "seeds": len(mine),
                     "dominated_seeds": [r["seed"] for r in mine if r["dominated"]],
                     **{k: spread([r[k] for r in fair]) for k in ("full_bpd", "bpd", "gap", "gap_raw_weights",
-                                                                "time_ratio", "full_at_equal_time")},
+                                                                "time_ratio", "gap_at_equal_time")},
                     "gap_signs": sorted({(r["gap"] > 0) - (r["gap"] < 0) for r in fair})})
     return out
 
@@ -155,12 +180,12 @@ def sweep_table(summary):
         fmt = "{:+.3f}" if signed else "{:.3f}"
         return "-" if s is None else f"{fmt.format(s['mean'])} ± {s['sd']:.3f} [{fmt.format(s['min'])}, {fmt.format(s['max'])}]"
     header = ["budget N", "alternate + finetune", "seeds", "full, N epochs", "alternate + finetune bpd", "gap",
-              "gap, raw weights", "time / full", "full at equal time", "gap's sign"]
+              "gap, raw weights", "time / full", "gap at equal time", "gap's sign"]
     rows = [[str(b["budget"]), f"{b['alternate_epochs']} + {b['finetune_epochs']}",
              f"{b['seeds'] - len(b['dominated_seeds'])}" + (f" (+{len(b['dominated_seeds'])} where a few images make "
                                                              f"the mean)" if b["dominated_seeds"] else ""),
              cell(b["full_bpd"]), cell(b["bpd"]), cell(b["gap"], True), cell(b["gap_raw_weights"], True),
-             cell(b["time_ratio"]), cell(b["full_at_equal_time"]),
+             cell(b["time_ratio"]), cell(b["gap_at_equal_time"], True),
              "flips between seeds" if len(b["gap_signs"]) > 1 else {1: "+", -1: "-", 0: "0"}.get(
                  (b["gap_signs"] or [0])[0])] for b in summary["by_split"]]
     return gp.markdown_table(header, rows)

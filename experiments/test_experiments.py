@@ -34,9 +34,10 @@ def without_seconds(curve):
     return [{k: v for k, v in m.items() if k != "seconds"} for m in curve]
 
 
-@pytest.mark.parametrize("ema", [[], ["--ema", "0.9"]], ids=["raw", "ema"])
+@pytest.mark.parametrize("ema", [[], ["--ema", "0.9"], ["--ema", "0.9", "--test-subset", "100"]],
+                         ids=["raw", "ema", "test-subset"])
 def test_sweep_branches_equal_separate_runs_for_every_seed(ema, tmp_path):
-    flags = TINY + ema
+    flags, whole = TINY + ema, gp.prepare_data(gp.Config(dataset="digits"))[1]
     assert gp.command("sweep.py", sweep.run_sweep, flags + ["--budgets", "3,6", "--splits", "3+3", "--seeds", "0,1",
                                                            "--out", str(tmp_path / "sweep")]) == 0
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
@@ -50,7 +51,13 @@ def test_sweep_branches_equal_separate_runs_for_every_seed(ema, tmp_path):
         assert gp.main(seed_flags + ["--mode", "full", "--epochs", "6", "--out", str(tmp_path / f"full{seed}")]) == 0
         r = next(r for r in summary["runs"] if r["seed"] == seed and r["alternate_epochs"] == 3)
         alone, full = metrics(tmp_path / f"alone{seed}"), metrics(tmp_path / f"full{seed}")
-        assert r["bpd"] == alone[-1]["test_bpd"] and r["full_bpd"] == full[-1]["test_bpd"]
+        ends = [alone[-1]["test_bpd"], full[-1]["test_bpd"]]
+        if "--test-subset" in flags:  # the curves evaluate the first 100 test images, the ends all 297
+            for i, (curve, name) in enumerate(((alone, f"alone{seed}"), (full, f"full{seed}"))):
+                model = gp.load_model(tmp_path / name)
+                assert curve[-1]["test_bpd"] == gp.evaluate(model, whole[:100], 32, torch.device("cpu"))["test_bpd"]
+                ends[i] = gp.evaluate(model, whole, 32, torch.device("cpu"))["test_bpd"]
+        assert [r["bpd"], r["full_bpd"]] == ends
         assert without_seconds(r["finetune_curve"]) == without_seconds(alone[3:])
         assert r["gap"] == r["bpd"] - r["full_bpd"]
         assert (r["gap_raw_weights"] is None) == (not ema)
@@ -63,7 +70,7 @@ def test_sweep_branches_equal_separate_runs_for_every_seed(ema, tmp_path):
 
 
 def test_a_sweep_killed_at_any_point_continues_with_the_same_command_and_loses_nothing(tmp_path):
-    args = TINY + ["--budgets", "3,6", "--seeds", "0,1"]
+    args = TINY + ["--budgets", "3,6", "--seeds", "0,1", "--test-subset", "100"]
     assert gp.command("sweep.py", sweep.run_sweep, args + ["--out", str(tmp_path / "straight")]) == 0
     out = tmp_path / "killed"
     for n_checkpoints in (1, 4):  # killed twice, at different points; the third command finishes
