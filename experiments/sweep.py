@@ -131,13 +131,16 @@ def sweep(cfg, splits, seeds, log=print):
                     branch(os.path.join(root, "alternate"), os.path.join(root, name), A)
                 tuned[A, F] = run(name, mode="alternate", epochs=A, finetune=F)
         full_curve, trunk_curve = full[max(budgets)][0], trunk[max(trunk)][0]
-        per_seed.append({"seed": seed, "full_curve": full_curve, "alternate_curve": trunk_curve,
-                         "full_largest_rise": largest_rise(full_curve, key),
+        trained = full_curve[-1]["seconds"] + trunk_curve[-1]["seconds"] + sum(  # each epoch once: the cost
+            c[-1]["seconds"] - c[A - 1]["seconds"] for (A, F), (c, _) in tuned.items() if F)
+        per_seed.append({"seed": seed, "seconds_trained": trained, "full_curve": full_curve,
+                         "alternate_curve": trunk_curve, "full_largest_rise": largest_rise(full_curve, key),
                          "alternate_largest_rise": largest_rise(trunk_curve, key)})
         for (A, F), (curve, point) in sorted(tuned.items()):
             end, same_time = full[A + F][1], gp.at_time(full_curve, curve[-1]["seconds"])
             rows.append({"seed": seed, "budget": A + F, "alternate_epochs": A, "finetune_epochs": F,
-                         "full_bpd": end["test_bpd"], "bpd": point["test_bpd"], "gap": point["test_bpd"] - end["test_bpd"],
+                         "full_bpd": end["test_bpd"], "bpd": point["test_bpd"],
+                         "gap": point["test_bpd"] - end["test_bpd"],
                          "gap_raw_weights": point["raw_test_bpd"] - end["raw_test_bpd"] if cfg.ema else None,
                          "alternate_bpd": trunk[A][1]["test_bpd"], "seconds": curve[-1]["seconds"],
                          "time_ratio": curve[-1]["seconds"] / full_curve[A + F - 1]["seconds"],
@@ -175,7 +178,8 @@ def aggregate(rows):
 
 
 def sweep_table(summary):
-    """The sweep as a Markdown table: per split, each measure's mean ± sd [min, max] over the seeds."""
+    """The sweep as Markdown tables: per split, each measure's mean ± sd [min, max] over the seeds; per seed,
+    the largest rise of each curve (with --ema, the raw weights') and the seconds of training it took."""
     def cell(s, signed=False):
         fmt = "{:+.3f}" if signed else "{:.3f}"
         return "-" if s is None else f"{fmt.format(s['mean'])} ± {s['sd']:.3f} [{fmt.format(s['min'])}, {fmt.format(s['max'])}]"
@@ -188,7 +192,11 @@ def sweep_table(summary):
              cell(b["time_ratio"]), cell(b["gap_at_equal_time"], True),
              "flips between seeds" if len(b["gap_signs"]) > 1 else {1: "+", -1: "-", 0: "0"}.get(
                  (b["gap_signs"] or [0])[0])] for b in summary["by_split"]]
-    return gp.markdown_table(header, rows)
+    rise = lambda r: "none" if r[0] is None else f"+{r[1]:.3f} (epoch {r[0]})"  # noqa: E731
+    seeds = [[str(s["seed"]), rise(s["full_largest_rise"]), rise(s["alternate_largest_rise"]),
+              f"{s['seconds_trained']:.0f}"] for s in summary["per_seed"]]
+    return gp.markdown_table(header, rows) + "\n\n" + gp.markdown_table(
+        ["seed", "full: largest rise above its best so far", "alternate: largest rise", "seconds trained"], seeds)
 
 
 def plot_sweep(summary, path):
