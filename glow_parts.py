@@ -928,7 +928,7 @@ def step_costs(model, x, mode):
     """measure_step for each kind of step the mechanism takes (one turn of its schedule): the largest."""
     costs = [measure_step(model, x, mode, learning) for learning in mechanism_steps(mode, len(model.parts))]
     return {"activation_bytes": max(c[0] for c in costs), "boundary_backward_bytes": max(c[1] for c in costs),
-            "cuda_max_memory_allocated": costs[0][2] and max(c[2] for c in costs)}
+            "cuda_max_memory_allocated": None if costs[0][2] is None else max(c[2] for c in costs)}
 
 def compare(cfg, modes=("full", "alternate"), log=print):
     """Train each mechanism from the same initial weights, data order and seed into cfg.out/<mode>; write
