@@ -83,6 +83,11 @@ def layer_state(model, x):
     return state
 
 
+def grad_norm(step):
+    """A step's gradient norm: of the whole part's gradient (what --clip bounds), from the norms by kind."""
+    return sum(v * v for v in step["grad_norm"].values()) ** 0.5
+
+
 def report(run, steps, layers, log=print):
     key = "raw_test_bpd" if run.cfg.ema else "test_bpd"
     epoch, rise = largest_rise(run.history, key)
@@ -97,8 +102,8 @@ def report(run, steps, layers, log=print):
         for k in range(len(run.model.parts)):
             part = [s for s in mine if s["part"] == k]
             if part:
-                worst = max(part, key=lambda s: sum(s["grad_norm"].values()))
-                log(f"  epoch {e} part {k + 1}: max grad norm {max(sum(s['grad_norm'].values()) for s in part):.3g} "
+                worst = max(part, key=grad_norm)
+                log(f"  epoch {e} part {k + 1}: max grad norm {grad_norm(worst):.3g} "
                     f"(step {worst['step']}: " + ", ".join(f"{g} {v:.3g}" for g, v in worst["grad_norm"].items())
                     + f"), max update {max(s['update_norm'] for s in part):.3g}, "
                     f"Adam v max {max(s['adam_v_max'] for s in part):.3g}")

@@ -141,6 +141,7 @@ def sweep(cfg, splits, seeds, log=print):
             rows.append({"seed": seed, "budget": A + F, "alternate_epochs": A, "finetune_epochs": F,
                          "full_bpd": end["test_bpd"], "bpd": point["test_bpd"],
                          "gap": point["test_bpd"] - end["test_bpd"],
+                         "gap_median_image": point["test_median_bpd"] - end["test_median_bpd"],
                          "gap_raw_weights": point["raw_test_bpd"] - end["raw_test_bpd"] if cfg.ema else None,
                          "alternate_bpd": trunk[A][1]["test_bpd"], "seconds": curve[-1]["seconds"],
                          "time_ratio": curve[-1]["seconds"] / full_curve[A + F - 1]["seconds"],
@@ -171,7 +172,7 @@ def aggregate(rows):
         fair = [r for r in mine if not r["dominated"]]
         out.append({"budget": A + F, "alternate_epochs": A, "finetune_epochs": F, "seeds": len(mine),
                     "dominated_seeds": [r["seed"] for r in mine if r["dominated"]],
-                    **{k: spread([r[k] for r in fair]) for k in ("full_bpd", "bpd", "gap", "gap_raw_weights",
+                    **{k: spread([r[k] for r in fair]) for k in ("full_bpd", "bpd", "gap", "gap_median_image", "gap_raw_weights",
                                                                 "time_ratio", "gap_at_equal_time")},
                     "gap_signs": sorted({(r["gap"] > 0) - (r["gap"] < 0) for r in fair})})
     return out
@@ -184,11 +185,12 @@ def sweep_table(summary):
         fmt = "{:+.3f}" if signed else "{:.3f}"
         return "-" if s is None else f"{fmt.format(s['mean'])} ± {s['sd']:.3f} [{fmt.format(s['min'])}, {fmt.format(s['max'])}]"
     header = ["budget N", "alternate + finetune", "seeds", "full, N epochs", "alternate + finetune bpd", "gap",
-              "gap, raw weights", "time / full", "gap at equal time", "gap's sign"]
+              "gap, median image", "gap, raw weights", "time / full", "gap at equal time", "gap's sign"]
     rows = [[str(b["budget"]), f"{b['alternate_epochs']} + {b['finetune_epochs']}",
              f"{b['seeds'] - len(b['dominated_seeds'])}" + (f" (+{len(b['dominated_seeds'])} where a few images make "
                                                              f"the mean)" if b["dominated_seeds"] else ""),
-             cell(b["full_bpd"]), cell(b["bpd"]), cell(b["gap"], True), cell(b["gap_raw_weights"], True),
+             cell(b["full_bpd"]), cell(b["bpd"]), cell(b["gap"], True), cell(b["gap_median_image"], True),
+             cell(b["gap_raw_weights"], True),
              cell(b["time_ratio"]), cell(b["gap_at_equal_time"], True),
              "flips between seeds" if len(b["gap_signs"]) > 1 else {1: "+", -1: "-", 0: "0"}.get(
                  (b["gap_signs"] or [0])[0])] for b in summary["by_split"]]
