@@ -172,8 +172,8 @@ def aggregate(rows):
         fair = [r for r in mine if not r["dominated"]]
         out.append({"budget": A + F, "alternate_epochs": A, "finetune_epochs": F, "seeds": len(mine),
                     "dominated_seeds": [r["seed"] for r in mine if r["dominated"]],
-                    **{k: spread([r[k] for r in fair]) for k in ("full_bpd", "bpd", "gap", "gap_median_image", "gap_raw_weights",
-                                                                "time_ratio", "gap_at_equal_time")},
+                    **{k: spread([r[k] for r in fair]) for k in ("full_bpd", "bpd", "gap", "gap_median_image",
+                                                                "gap_raw_weights", "time_ratio", "gap_at_equal_time")},
                     "gap_signs": sorted({(r["gap"] > 0) - (r["gap"] < 0) for r in fair})})
     return out
 
