@@ -550,7 +550,7 @@ class Config:
     image_size: int | None = setting(None, "resize to this size; None: native", int, 1, 1024)
     n_bits: int | None = setting(None, "bits per pixel kept; None: 8, or 4 for digits", int, 1, 8)
     subset: int | None = setting(None, "train on the first N training images; None: all", int, 1)
-    test_subset: int | None = setting(None, "evaluate on the first N test images (quicker); None: all", int, 1)
+    test_subset: int | None = setting(None, "evaluate on the first N test images; None: all", int, 1)
     levels: int = setting(3, "L, levels of the multi-scale flow", int, 1, 10)
     steps: int = setting(32, "K, flow steps per level", int, 1)
     hidden: int = setting(512, "channels of the coupling networks", int, 1)
@@ -721,8 +721,9 @@ def evaluate(model, images, batch_size, device):
             "test_dominated": bool(part_bpd[-1] > torch.quantile(bpd, 0.99).item())}
 
 def evaluate_run(run, images):
-    """evaluate() of the run's model (with --ema, of the averaged weights, and raw_test_bpd of the raw ones)."""
-    score = lambda model: evaluate(model, images, run.cfg.batch_size, torch.device(run.cfg.device))  # noqa: E731
+    """evaluate() of the run's model: with --ema, of the averaged weights, and raw_test_bpd of the raw."""
+    device = torch.device(run.cfg.device)
+    score = lambda model: evaluate(model, images, run.cfg.batch_size, device)  # noqa: E731
     return {**score(run.ema), "raw_test_bpd": score(run.model)["test_bpd"]} if run.ema else score(run.model)
 
 def sync(device):
@@ -777,7 +778,8 @@ def prepare_data(cfg):
                                    ("test-subset", cfg.test_subset, test_images, "test")):
         if (n or 0) > len(images):
             raise UsageError(f"--{flag} {n}: {cfg.dataset} has only {len(images)} {split} images")
-    return resize(train_images[:cfg.subset], cfg.image_size), resize(test_images[:cfg.test_subset], cfg.image_size)
+    return (resize(train_images[:cfg.subset], cfg.image_size),
+            resize(test_images[:cfg.test_subset], cfg.image_size))
 
 def write_atomic(path, write):
     """write(temporary path), then rename it onto path: a reader (or a resume) sees the old file or the

@@ -72,8 +72,8 @@ def claim_sweep(out, plan):
 def branch(trunk_out, out, epoch):
     """A new run directory that continues the trunk's checkpoint (a copy of the trunk at its epoch)."""
     if len(read_curve(trunk_out)) != epoch:
-        raise gp.UsageError(f"{trunk_out} has trained past epoch {epoch}: a split with {epoch} alternate epochs "
-                            f"needs a new --out")
+        raise gp.UsageError(f"{trunk_out} has trained past epoch {epoch}: a split with {epoch} alternate "
+                            f"epochs needs a new --out")
     with gp.claim_run_dir(out):
         for name in ("metrics.jsonl", "checkpoint.pt"):  # the checkpoint last: it makes the directory a run
             gp.write_atomic(os.path.join(out, name), lambda tmp: shutil.copyfile(os.path.join(trunk_out, name), tmp))
@@ -98,16 +98,17 @@ def sweep(cfg, splits, seeds, log=print):
     """Train (or continue) every run of the sweep into cfg.out; write sweep.json and sweep.png."""
     budgets, rows, per_seed = sorted({A + F for A, F in splits}), [], []
     key = "raw_test_bpd" if cfg.ema else "test_bpd"  # spikes are measured on the raw weights
+    data = gp.prepare_data(cfg)  # the same images for every seed, loaded once
     whole = gp.prepare_data(replace(cfg, test_subset=None))[1] if cfg.test_subset else None
     for seed in seeds:
         root = os.path.join(cfg.out, f"seed{seed}")
-        shared, data = gp.start_run(replace(cfg, seed=seed, out=None))  # the start every run of the seed shares
+        shared, _ = gp.start_run(replace(cfg, seed=seed, out=None), data)  # the start every run of the seed shares
         init, scfg = copy.deepcopy(shared.model.state_dict()), shared.cfg  # its warmup is fixed now
 
         def run(name, **kw):
-            """Train the run (or continue it) to its end: (its curve, its evaluation there). With --test-subset
-            the curve's evaluations use the first N test images, and the end is evaluated on the whole
-            test split (kept in whole-test.json: a rerun neither trains nor evaluates it again)."""
+            """Train the run (or continue it) to its end: (its curve, its evaluation there). With
+            --test-subset the curve's evaluations use the first N test images, and the end is evaluated
+            on the whole test split (kept in whole-test.json: a rerun neither trains nor evaluates it)."""
             c = replace(scfg, **kw, out=os.path.join(root, name))
             end, path = c.epochs + c.finetune, os.path.join(c.out, "whole-test.json")
             ends = json.load(open(path)) if os.path.exists(path) else {}
@@ -121,7 +122,7 @@ def sweep(cfg, splits, seeds, log=print):
                     gp.write_atomic(path, lambda tmp: open(tmp, "w").write(json.dumps(ends, indent=1)))
             return curve[:end], ends[str(end)] if whole is not None else curve[end - 1]
 
-        full = {N: run("full", mode="full", epochs=N, finetune=0) for N in budgets}  # in stages: a resume is exact
+        full = {N: run("full", mode="full", epochs=N, finetune=0) for N in budgets}  # in stages (resumes are exact)
         trunk, tuned = {}, {}
         for A in sorted({A for A, _ in splits}):
             trunk[A] = run("alternate", mode="alternate", epochs=A, finetune=0)

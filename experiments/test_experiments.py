@@ -26,10 +26,6 @@ TINY = ["--dataset", "digits", "--levels", "2", "--steps", "2", "--hidden", "16"
         "--batch-size", "32", "--warmup", "10", "--lr", "2e-3"]
 
 
-def metrics(out):
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")).read().splitlines()]
-
-
 def without_seconds(curve):
     return [{k: v for k, v in m.items() if k != "seconds"} for m in curve]
 
@@ -50,7 +46,7 @@ def test_sweep_branches_equal_separate_runs_for_every_seed(ema, tmp_path):
                                      "--out", str(tmp_path / f"alone{seed}")]) == 0
         assert gp.main(seed_flags + ["--mode", "full", "--epochs", "6", "--out", str(tmp_path / f"full{seed}")]) == 0
         r = next(r for r in summary["runs"] if r["seed"] == seed and r["alternate_epochs"] == 3)
-        alone, full = metrics(tmp_path / f"alone{seed}"), metrics(tmp_path / f"full{seed}")
+        alone, full = sweep.read_curve(tmp_path / f"alone{seed}"), sweep.read_curve(tmp_path / f"full{seed}")
         if "--test-subset" not in flags:  # the median image's gap, which a few images cannot move
             assert r["gap_median_image"] == alone[-1]["test_median_bpd"] - full[-1]["test_median_bpd"]
         ends = [alone[-1]["test_bpd"], full[-1]["test_bpd"]]
@@ -173,7 +169,7 @@ def test_pipeline_on_two_processes_sends_nothing_back_and_its_checkpoint_reloads
     per_epoch = f"{16 * 32 * (2 * 4 * 4 + 1) * 4:,}"
     assert f"pipeline: {per_epoch} bytes sent forward between parts this epoch, 0 backward; " \
            f"received {per_epoch} from earlier parts, 0 from later ones" in proc.stdout
-    m = metrics(out)
+    m = sweep.read_curve(out)
     assert [e["epoch"] for e in m] == [1, 2] and m[1]["test_bpd"] < m[0]["test_bpd"]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     cfg = gp.Config(**ckpt["config"])
@@ -238,6 +234,6 @@ def test_spike_records_every_step_of_the_schedule_and_finds_the_largest_rise(tmp
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert [s["part"] for s in steps] == [i % 2 for i in range(2 * 16)]  # alternate: parts 1, 2, 1, 2, ...
     assert all(s["update_norm"] > 0 and s["adam_v_max"] > 0 and s["grad_norm"]["ActNorm"] > 0 for s in steps)
-    assert len((out / "layers.jsonl").read_text().splitlines()) == 2 and metrics(out)[-1]["epoch"] == 2
+    assert len((out / "layers.jsonl").read_text().splitlines()) == 2 and sweep.read_curve(out)[-1]["epoch"] == 2
     curve = [{"epoch": e, "bpd": b} for e, b in enumerate([5.0, 4.0, 4.5, 3.0, 3.9, 3.2], 1)]
     assert spike.largest_rise(curve, "bpd") == (5, pytest.approx(0.9))  # 3.9 above the best so far, 3.0
