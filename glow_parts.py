@@ -2,20 +2,16 @@
 glow_parts.py: Glow trained in gradient-isolated parts with a truncated local objective.
 
 In reading order: the layers, Glow cut into parts and the truncated objective, the data, the settings,
-one training loop for every mechanism (full, alternate, sequential, parallel, + end-to-end finetuning),
-runs that resume exactly, the poster's comparison, data parallel under torchrun, the CLI. The research
-beyond it (the sweep over budgets and seeds, the pipeline of parts, benchmarks) is in experiments/.
+one training loop for every mechanism (full, alternate, sequential, parallel, + finetuning end to end),
+runs that resume exactly, data parallel under torchrun, the command line.
 
 Quickstart (CPU, offline, about a minute; scikit-learn's bundled 8x8 digits):
     python glow_parts.py --dataset digits --levels 2 --steps 8 --hidden 64 --warmup 50 \
         --mode alternate --epochs 10 --finetune 5
-The poster's experiment (CIFAR-10, needs a GPU):
-    python glow_parts.py --mode alternate --epochs 60 --finetune 30
+The poster's experiment (CIFAR-10, a GPU): python glow_parts.py --mode alternate --epochs 60 --finetune 30
 
-Papers: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", NeurIPS 2018;
-Dinh et al., "Density estimation using Real NVP", ICLR 2017 (multi-scale, affine coupling). Local
-objectives: Loewe et al., "Putting an End to End-to-End", NeurIPS 2019; Belilovsky et al., "Decoupled
-Greedy Learning of CNNs", ICML 2020. The parts and the truncated objective follow the poster.
+Papers: Kingma & Dhariwal, "Glow", NeurIPS 2018; Dinh et al., "Real NVP", ICLR 2017; local objectives:
+Loewe et al., NeurIPS 2019, Belilovsky et al., ICML 2020. The parts and the objective follow the poster.
 
 The truncated objective
   Cut the flow into parts g_1 .. g_P: h_0 = x, h_k = g_k(h_{k-1}). A part may also split off
@@ -31,42 +27,40 @@ The truncated objective
   The parts' objectives are not the full objective: L_k asks h_k to look Gaussian on its own,
   while end to end only the last part's output must. Finetuning end to end repairs the difference.
 
-What differs from the paper (and the official code)
-  - Adam with linear warmup and a constant rate; Polyak averaging only with --ema; no classes.
-  - Zero-padded convolutions (the official code adds an "edge" channel instead).
-  - The split priors' log-std is bounded to (-5, 5) by 5 tanh(./5) (--prior-bound): unbounded, a prior
-    extrapolating to an input outside its training range can make one image's bits/dim explode.
-  - The top prior is a free mean / log-std per latent position (the official code: a zero conv over a
-    constant); the split prior and coupling use contiguous channel halves (the official code interleaves).
-  - Bits/dim is measured with one uniform-noise dequantization sample, as in the paper's tables;
-    every evaluation also reports the median image and the images that score worse than noise.
+What differs from the paper (and the official code): Adam with linear warmup, then a constant rate (or
+a cosine decay, --decay); Polyak averaging only with --ema; zero-padded convolutions; the split priors'
+log-std bounded to (-5, 5) (--prior-bound); a free top prior; contiguous channel halves; no classes.
 """
 import argparse
 import copy
 import fcntl
-import functools
 import glob
-import itertools
+import io
 import json
 import math
 import os
 import shutil
 import signal
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+try:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except KeyboardInterrupt:  # Ctrl-C while torch loads: one line, nothing written yet
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one must not cut it short
+    print(f"{os.path.basename(sys.argv[0])}: interrupted (Ctrl-C) while loading torch", file=sys.stderr)
+    sys.exit(130)
 
+class UsageError(ValueError):
+    """Bad flags, data, checkpoint or run directory: the command says why in one line, exit code 2."""
 # -----------------------------------------------------------------------------
 # Invertible layers. One contract: forward(x) -> (y, logdet of shape (B,)), reverse(y) -> x.
 
 class ActNorm(nn.Module):
     """Per-channel affine y = (x + loc) * exp(logs), set from one batch to give mean 0, std 1."""
-
     def __init__(self, channels):
         super().__init__()
         self.loc = nn.Parameter(torch.zeros(1, channels, 1, 1))
@@ -91,7 +85,6 @@ class ActNorm(nn.Module):
 
 class InvConv2dLU(nn.Module):
     """Invertible 1x1 conv with W = P L (U + diag(sign_s * exp(log_s))): log|det W| = sum(log_s)."""
-
     def __init__(self, channels):
         super().__init__()
         rotation = torch.linalg.qr(torch.randn(channels, channels))[0]
@@ -119,7 +112,6 @@ class InvConv2dLU(nn.Module):
 
 class ZeroConv2d(nn.Module):
     """3x3 conv initialised to zero, output scaled by exp(3 * logs) as in the official code."""
-
     def __init__(self, in_channels, out_channels):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
@@ -132,7 +124,6 @@ class ZeroConv2d(nn.Module):
 
 class AffineCoupling(nn.Module):
     """y_a = x_a, y_b = (x_b + shift(x_a)) * sigmoid(logit(x_a)): triangular Jacobian, cheap inverse."""
-
     def __init__(self, channels, hidden):
         super().__init__()
         self.conv1 = nn.Conv2d(channels // 2, hidden, 3, padding=1, bias=False)
@@ -164,7 +155,6 @@ class AffineCoupling(nn.Module):
 
 class FlowStep(nn.Module):
     """One step of Glow: ActNorm -> invertible 1x1 conv -> affine coupling."""
-
     def __init__(self, channels, hidden):
         super().__init__()
         self.actnorm = ActNorm(channels)
@@ -182,7 +172,6 @@ class FlowStep(nn.Module):
 
 class Squeeze(nn.Module):
     """2x2 space-to-depth, (B, C, H, W) -> (B, 4C, H/2, W/2): a permutation, so logdet = 0."""
-
     def forward(self, x):
         return F.pixel_unshuffle(x, 2), x.new_zeros(x.shape[0])
 
@@ -221,7 +210,6 @@ class Split(nn.Module):
 
 class GaussianPrior(nn.Module):
     """Diagonal Gaussian over a part's output h: learned (zero-initialised: N(0, I)) or fixed N(0, I)."""
-
     def __init__(self, shape, learned):
         super().__init__()
         zeros = torch.zeros(1, *shape)
@@ -248,45 +236,17 @@ def default_parts(n_levels, n_steps):
         parts[n_levels // 2:n_levels // 2 + 1] = [n_steps // 2, n_steps - n_steps // 2]
     return parts
 
-def step_macs(in_channels, image_size, n_levels, n_steps, hidden):
-    """Multiply-adds per image of each flow step's convolutions (a split's prior counts with its
-    level's last step): the cost model of a part is the sum over its steps."""
-    macs, C, S = [], in_channels, image_size
-    for level in range(n_levels):
-        C, S = 4 * C, S // 2
-        coupling = 9 * (C // 2) * hidden + hidden * hidden + 9 * hidden * C  # 3x3, 1x1, zero 3x3 convs
-        macs += [S * S * (C * C + coupling)] * n_steps  # + the invertible 1x1 conv
-        if level < n_levels - 1:
-            macs[-1] += S * S * 9 * (C // 2) * C
-            C //= 2
-    return macs
-
-def balanced_parts(n_parts, macs):
-    """--parts auto:P: P contiguous parts whose most expensive one is as cheap as possible (exact: a
-    dynamic programme over the last cut)."""
-    if not 1 <= n_parts <= len(macs):
-        raise ValueError(f"--parts auto:{n_parts} needs between 1 and {len(macs)} parts (a flow step each at most)")
-    prefix = [0, *itertools.accumulate(macs)]
-
-    @functools.cache
-    def best(i, p):  # (the cheapest largest part, its sizes) when the first i steps form p parts
-        if p == 1:
-            return prefix[i], [i]
-        cost, j = min((max(best(j, p - 1)[0], prefix[i] - prefix[j]), j) for j in range(p - 1, i))
-        return cost, best(j, p - 1)[1] + [i - j]
-    return best(len(macs), n_parts)[1]
-
 def check_flow(parts, n_levels, n_steps, image_size):
-    """The parts (step counts, in flow order) as a list of ints if they cut this flow, else ValueError."""
-    parts = list(parts)
+    """The parts (step counts, in flow order) as a list of ints if they cut this flow, else UsageError."""
+    parts, size = list(parts), 2 ** n_levels  # each level halves the image
     if not parts or not all(type(p) is int and p > 0 for p in parts):
-        raise ValueError(f"--parts: want a non-empty list of positive integers, got {parts}")
+        raise UsageError(f"--parts: want a non-empty list of positive integers, got {parts}")
     if sum(parts) != n_levels * n_steps:
-        raise ValueError(f"--parts {','.join(map(str, parts))} sum to {sum(parts)}, but the flow has "
+        raise UsageError(f"--parts {','.join(map(str, parts))} sum to {sum(parts)}, but the flow has "
                          f"levels * steps = {n_levels} * {n_steps} = {n_levels * n_steps} steps")
-    if image_size % 2 ** n_levels:  # each level halves the image
-        raise ValueError(f"--image-size {image_size} is not divisible by 2^levels = {2 ** n_levels}; pass "
-                         f"--image-size {2 ** n_levels * max(1, round(image_size / 2 ** n_levels))}, say")
+    if image_size % size:
+        raise UsageError(f"--image-size {image_size} is not divisible by 2^levels = {size}; pass "
+                         f"--image-size {size * max(1, round(image_size / size))}, say")
     return parts
 
 def isolate(h, const):
@@ -304,7 +264,6 @@ def isolate(h, const):
 
 class Part(nn.Module):
     """A contiguous run of flow steps (+ the squeezes and splits they own), and a prior for its output."""
-
     def __init__(self, layers, prior):
         super().__init__()
         self.layers = nn.ModuleList(layers)
@@ -339,7 +298,8 @@ class Glow(nn.Module):
     def __init__(self, in_channels=3, image_size=32, n_levels=3, n_steps=32, hidden=512, parts=None,
                  n_bits=8, part_prior="standard", prior_bound=5.0):
         super().__init__()
-        parts = check_flow(default_parts(n_levels, n_steps) if parts is None else parts, n_levels, n_steps, image_size)
+        parts = default_parts(n_levels, n_steps) if parts is None else parts
+        parts = check_flow(parts, n_levels, n_steps, image_size)
         self.n_bits, self.part_sizes, self.n_splits = n_bits, parts, n_levels - 1
         self.n_dims = in_channels * image_size ** 2  # D
         owner = [k for k, size in enumerate(parts) for _ in range(size)]  # the part of each step
@@ -356,9 +316,9 @@ class Glow(nn.Module):
                 layers[owner[last]].append(Split(C, prior_bound))
                 C //= 2
                 shapes[owner[last]] = (C, S, S)
-        self.parts = nn.ModuleList(
-            Part(layers[k], GaussianPrior(shapes[k], learned=(k == len(parts) - 1 or part_prior == "learned")))
-            for k in range(len(parts)))
+        learned = [k == len(parts) - 1 or part_prior == "learned" for k in range(len(parts))]  # top: always
+        self.parts = nn.ModuleList(Part(mine, GaussianPrior(shape, learn)) for mine, shape, learn in
+                                   zip(layers, shapes, learned))
 
     @torch.no_grad()
     def initialize(self, x):
@@ -385,14 +345,15 @@ class Glow(nn.Module):
         _, logdet, logpz = self(x)
         return logdet + logpz
 
-    def truncated(self, x, parts=None):
+    def truncated(self, x, parts=None, start=0, const=None):
         """[log p_k(x) in nats, (B,)] of the flows truncated after each part k in `parts` (ascending;
         default all), in one pass. Each reaches only part k's parameters, so -log p_k(x) is part k's
         truncated objective L_k. The parts before parts[0] run under no_grad (their terms are
-        constants for every learner); the parts after parts[-1] do not run."""
-        parts = list(range(len(self.parts))) if parts is None else list(parts)
-        h, const, log_probs = x, x.new_zeros(x.shape[0]), []
-        for k in range(parts[-1] + 1):
+        constants for every learner); the parts after parts[-1] do not run. x may also be the input
+        of part `start`, with const the terms of the parts before it (a pipeline of parts)."""
+        parts = list(range(start, len(self.parts))) if parts is None else list(parts)
+        h, const, log_probs = x, x.new_zeros(x.shape[0]) if const is None else const, []
+        for k in range(start, parts[-1] + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= parts[0]):
                 h, const = isolate(h, const)
                 h, _, logdet, logp = self.parts[k](h)
@@ -424,24 +385,17 @@ class Glow(nn.Module):
     @torch.no_grad()
     def sample(self, n, temperature=0.7):
         """n images in the preprocessed [-0.5, 0.5] scale; temperature 0 gives the mean image."""
-        return self.reverse([None] * self.n_splits + [self.parts[-1].prior.sample(n, temperature)], temperature)
-
-def brute_logdet(fn, x):
-    """log|det J| of fn (returning a list of tensors) at one sample x (1, ...), from autograd's full
-    Jacobian: the oracle that the tests and the tutorial check every fast log-det against."""
-    flat = lambda v: torch.cat([t.flatten() for t in fn(v.view_as(x))])  # noqa: E731
-    return torch.linalg.slogdet(torch.autograd.functional.jacobian(flat, x.flatten()))[1]
+        z = self.parts[-1].prior.sample(n, temperature)
+        return self.reverse([None] * self.n_splits + [z], temperature)
 
 # -----------------------------------------------------------------------------
 # Data: whole datasets as uint8 tensors in memory, dequantized on the fly.
 
-class UsageError(Exception):
-    """Bad flags, data, checkpoint or run directory: the command says why in one line, exit code 2."""
-
-NATIVE = {"cifar10": (3, 32), "mnist": (1, 28), "fashion-mnist": (1, 28), "digits": (1, 8)}  # C, size
-WHERE = {"cifar10": "cifar-10-batches-py/ (the extracted cifar-10-python.tar.gz)", "mnist": "MNIST/raw/ (the four "
-         "unzipped idx files)", "fashion-mnist": "FashionMNIST/raw/ (the four unzipped idx files; Debian's "
-         "dataset-fashion-mnist package has them gzipped)"}
+DATASETS = {  # channels, size, training and test images (what a loaded dataset must hold), where files go
+    "cifar10": (3, 32, 50000, 10000, "cifar-10-batches-py/ (the extracted cifar-10-python.tar.gz)"),
+    "mnist": (1, 28, 60000, 10000, "MNIST/raw/ (the four unzipped idx files)"),
+    "fashion-mnist": (1, 28, 60000, 10000, "FashionMNIST/raw/ (the four unzipped idx files)"),
+    "digits": (1, 8, 1500, 297, "")}
 INIT_BATCH = 256  # images for ActNorm's data-dependent init (the official code's n_batch_init)
 
 def preprocess(x, n_bits, noise=True, generator=None):
@@ -456,40 +410,35 @@ def preprocess(x, n_bits, noise=True, generator=None):
         x = x + torch.rand(x.shape, generator=generator, device=x.device) / n_bins
     return x.contiguous(memory_format=torch.channels_last)  # faster convolutions, measured on CPU
 
-def idx_problem(path):
-    """What is wrong with an idx file (magic 2049 labels / 2051 images, its sizes, the data), or None."""
-    with open(path, "rb") as f:
-        magic = int.from_bytes(f.read(4), "big")
-        dims = [int.from_bytes(f.read(4), "big") for _ in range(magic - 2048 if magic in (2049, 2051) else 0)]
-    want, size = 4 + 4 * len(dims) + math.prod(dims), os.path.getsize(path)
-    return "is not an idx file" if not dims else None if size == want else \
-        f"has {size:,} bytes where its header promises {want:,}"
-
 def load_images(name, data_dir="./data", download=True):
-    """(train, test) uint8 tensors (N, C, H, W) of a dataset. digits: scikit-learn's bundled 1797 8x8
-    digits (grey levels 0..16, clipped to 16 levels and scaled to 0..255 in steps of 17, so --n-bits 4
-    keeps every level), the first 1500 train and the last 297 test. The others come through torchvision."""
+    """(train, test) uint8 tensors (N, C, H, W), each split checked against DATASETS. digits: scikit-learn's
+    1797 8x8 digits (16 grey levels, scaled to 0..255 in steps of 17), the first 1500 to train, the last 297
+    to test. The others come through torchvision; a load that fails removes the folders it made."""
+    C, S, n_train, n_test, where = DATASETS[name]
     if name == "digits":
         from sklearn.datasets import load_digits
         images = torch.from_numpy(load_digits().images).clamp(max=15).mul(17).to(torch.uint8)[:, None]
-        return images[:1500], images[1500:]
-    import torchvision
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST,
-           "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
-    created = not os.path.exists(data_dir)
-    try:
-        for path in sorted(glob.glob(os.path.join(data_dir, cls.__name__, "raw", "*-ubyte"))):
-            if idx_problem(path):
-                raise UsageError(f"{path} {idx_problem(path)}")
-        splits = [cls(data_dir, train=train, download=download) for train in (True, False)]
-    except Exception as e:  # offline download, missing or corrupt files: torchvision raises many kinds
-        if created:
-            shutil.rmtree(data_dir, ignore_errors=True)  # leave no half-made tree behind
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"could not load {name} ({why}); put it in {data_dir}/{WHERE[name]}, "
-                         f"or try the offline --dataset digits") from None
-    data = [torch.as_tensor(split.data) for split in splits]  # NHWC (CIFAR-10) or NHW (MNIST)
-    return [d.permute(0, 3, 1, 2).contiguous() if d.ndim == 4 else d[:, None] for d in data]
+        data = [images[:1500], images[1500:]]
+    else:
+        import torchvision
+        cls = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST,
+               "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
+        folder = os.path.join(data_dir, cls.__name__)
+        made = [d for d in (os.path.join(folder, "raw"), folder, data_dir) if not os.path.isdir(d)]
+        try:
+            data = [torch.as_tensor(cls(data_dir, train=t, download=download).data) for t in (True, False)]
+        except Exception as e:  # offline download, missing or corrupt files: torchvision raises many kinds
+            for d in made:
+                shutil.rmtree(d, ignore_errors=True)  # leave no half-made tree behind
+            why = ": ".join([type(e).__name__, *str(e).strip().splitlines()[:1]])
+            raise UsageError(f"could not load {name} ({why}); put it in {data_dir}/{where}, or try the "
+                             f"offline --dataset digits") from None
+        data = [d.permute(0, 3, 1, 2).contiguous() if d.ndim == 4 else d[:, None] for d in data]  # NHWC/NHW
+    for split, images, n in (("training", data[0], n_train), ("test", data[1], n_test)):
+        if tuple(images.shape) != (n, C, S, S):
+            raise UsageError(f"{name}'s {split} split in {data_dir} holds {len(images)} images of "
+                             f"{'x'.join(map(str, images.shape[1:]))}, not {n} of {C}x{S}x{S}: another file?")
+    return data
 
 def resize(images, size):
     """Antialiased bilinear resize of uint8 images to size x size."""
@@ -512,92 +461,87 @@ def eval_batches(images, batch_size, n_bits, device):
 
 # -----------------------------------------------------------------------------
 # The settings of a run. Each is a command-line flag, and every Config is checked here wherever it
-# comes from (flags, a checkpoint, code): a bad value is a ValueError naming its flag.
+# comes from (flags, a checkpoint, code): a bad value is a UsageError naming its flag.
 
 MODES = ("full", "alternate", "sequential", "parallel")
 END_TO_END = ("full", "finetune")  # the phases that backpropagate the whole flow's bits/dim
+F32 = torch.finfo(torch.float32)
 
 def setting(default, help, kind, low=None, high=None, choices=None, action=None, many=False):
-    """A Config field and its check: the kind of its value (of each item, where `many` allows a list),
-    its range (closed for ints, open for floats) or choices; `action`: argparse's, for on/off flags."""
+    """A Config field and its check: its kind (of each item, where `many` allows a list), its range (closed
+    for ints, open for floats) or choices; `action`: argparse's, for on/off flags."""
     return field(default=default, metadata=dict(help=help, kind=kind, low=low, high=high, choices=choices,
                                                 action=action, many=many))
 
 def check_setting(f, value):
-    """ValueError naming the flag unless value is a valid setting for Config field f."""
+    """UsageError naming the flag unless value suits Config field f; a float must also be one that float32
+    holds (1e-300 would be 0 in the model, 1e300 infinite)."""
     m, name, kind = f.metadata, "--" + f.name.replace("_", "-"), f.metadata["kind"]
     if isinstance(value, list) and not (m["many"] and value):
-        raise ValueError(f"{name}: want one {kind.__name__}" + " or a list" * m["many"] + f", got {value!r}")
+        raise UsageError(f"{name}: want one {kind.__name__}" + " or a list" * m["many"] + f", got {value!r}")
     for v in value if isinstance(value, list) else [value]:
-        low, high = m["low"], math.inf if m["high"] is None else m["high"]
-        if not isinstance(v, (int, float) if kind is float else kind) or isinstance(v, bool) != (kind is bool):
-            raise ValueError(f"{name}: want {kind.__name__}, got {v!r}")
-        if low is not None and not (low <= v <= high if kind is int else low < v < high):  # nan fails too
-            raise ValueError(f"{name}: must be in " + (f"[{low}, {high}]" if kind is int else f"({low}, {high})")
-                             + f", got {v}")
+        low, high, number = m["low"], math.inf if m["high"] is None else m["high"], (int, float)
+        if not isinstance(v, number if kind is float else kind) or isinstance(v, bool) != (kind is bool):
+            raise UsageError(f"{name}: want {kind.__name__}, got {v!r}")
+        if kind is float and not F32.tiny <= abs(v) <= F32.max:  # nan fails too
+            raise UsageError(f"{name}: {v} is not a number that float32 holds")
+        if low is not None and not (low <= v <= high if kind is int else low < v < high):
+            interval = f"[{low}, {high}]" if kind is int else f"({low}, {high})"
+            raise UsageError(f"{name}: must be in {interval}, got {v}")
         if kind is str and (not v or m["choices"] and v not in m["choices"]):
-            raise ValueError(f"{name}: want {'one of ' + ', '.join(m['choices']) if m['choices'] else 'a value'}, "
-                             f"got {v!r}")
+            raise UsageError(f"{name}: want {' or '.join(m['choices'] or ['a value'])}, got {v!r}")
 
 @dataclass
 class Config:
     """A run's settings, each one a command-line flag; checkpoints store the whole Config."""
     mode: str = setting("alternate", "training mechanism", str, choices=MODES)
     epochs: int = setting(60, "epochs of the mechanism", int, 0)
-    finetune: int = setting(0, "end-to-end epochs after the mechanism's epochs", int, 0)
-    dataset: str = setting("cifar10", "the images", str, choices=tuple(NATIVE))
+    finetune: int = setting(0, "end-to-end epochs after the mechanism's", int, 0)
+    dataset: str = setting("cifar10", "the images", str, choices=tuple(DATASETS))
     data_dir: str = setting("./data", "torchvision datasets are read from / downloaded to here", str)
     image_size: int | None = setting(None, "resize to this size; None: native", int, 1, 1024)
     n_bits: int | None = setting(None, "bits per pixel kept; None: 8, or 4 for digits", int, 1, 8)
     subset: int | None = setting(None, "train on the first N training images; None: all", int, 1)
     test_subset: int | None = setting(None, "evaluate on the first N test images; None: all", int, 1)
     levels: int = setting(3, "L, levels of the multi-scale flow", int, 1, 10)
-    steps: int = setting(32, "K, flow steps per level", int, 1)
-    hidden: int = setting(512, "channels of the coupling networks", int, 1)
-    parts: list | str | None = setting(None, "steps per part, or auto:P (equal compute); None: the poster's cut",
-                                       int, 1, many=True)
-    part_prior: str = setting("standard", "prior on a part's output h_k: N(0, I), or a learned diagonal Gaussian",
-                              str, choices=("standard", "learned"))
-    prior_bound: float = setting(5.0, "bound the split priors' log-std to (-B, B) by B tanh(./B); 0: unbounded, "
-                                 "as in the paper", float)
+    steps: int = setting(32, "K, flow steps per level", int, 1, 1024)
+    hidden: int = setting(512, "channels of the coupling networks", int, 1, 65536)
+    parts: list | None = setting(None, "steps per part, in flow order; None: the poster's", int, 1, many=True)
+    part_prior: str = setting("standard", "a part's output prior", str, choices=("standard", "learned"))
+    prior_bound: float | None = setting(5.0, "the split priors' log-std in (-B, B); 0: unbounded", float, 0.0)
     batch_size: int = setting(64, "images per step (the global batch under torchrun)", int, 1)
-    lr: float | list = setting(1e-3, "Adam's rate, or one per part (1e-3,2e-3,2e-3,1e-3)", float, 0.0, many=True)
-    warmup: int | None = setting(None, "linear warmup over each part's first N updates; None: an epoch's steps "
-                                 "/ the parts, at most 500", int, 1)
+    lr: float | list = setting(1e-3, "Adam's rate, or one per part: 1e-3,2e-3,2e-3,1e-3", float, 0, many=True)
+    warmup: int | None = setting(None, "linear warmup over each part's first N updates; None: an epoch's "
+                                 "steps / the parts, at most 500", int, 1)
+    decay: int | None = setting(None, "then every rate falls on a half cosine to 0 at epoch N", int, 1)
     alternate_every: int = setting(1, "steps per turn in alternate mode", int, 1)
-    clip: float | None = setting(None, "clip each learning part's gradient to this norm; None: no clipping", float, 0.0)
-    compile: bool | None = setting(None, "torch.compile every part; None: on a GPU (it pays at once), not on a "
-                                   "CPU (it takes minutes)", bool, action=argparse.BooleanOptionalAction)
+    clip: float | None = setting(None, "clip each learning part's gradient to this norm", float, 0.0)
+    compile: bool | None = setting(None, "torch.compile every part; None: on a GPU, not on a CPU (minutes)",
+                                   bool, action=argparse.BooleanOptionalAction)
     ema: float | None = setting(None, "Polyak averaging: the decay of the weights' moving average, which "
                                 "evaluates, samples, is saved; None: off", float, 0.0, 1.0)
     seed: int = setting(0, "weights, data order and noise all follow from it", int, 0, 2 ** 32 - 1)
     device: str | None = setting(None, "cpu, cuda, cuda:1, mps; None: cuda if there is one", str)
-    out: str | None = setting(None, "run directory; None: runs/<dataset>-<mode> (or -compare)", str)
+    out: str | None = setting(None, "run directory; None: runs/<dataset>-<mode>", str)
 
     def __post_init__(self):
-        """Check every setting (ValueError naming its flag); fill the defaults that depend on others."""
-        auto = self.parts if isinstance(self.parts, str) else None  # auto:P, P parts of equal multiply-adds
+        """Check every setting (None where its type allows it); fill the defaults that depend on others."""
         for f in fields(self):
-            if (getattr(self, f.name) is not None or f.default is not None) and not (f.name == "parts" and auto):
+            if getattr(self, f.name) is not None or type(None) not in getattr(f.type, "__args__", ()):
                 check_setting(f, getattr(self, f.name))
-        channels, native = NATIVE[self.dataset]
+        _, native, n_train, *_ = DATASETS[self.dataset]
         self.image_size = self.image_size or native
         self.n_bits = self.n_bits or (4 if self.dataset == "digits" else 8)
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.compile = self.device.startswith("cuda") if self.compile is None else self.compile
-        if auto is not None:
-            if not (auto.startswith("auto:") and auto[5:].isdigit()):
-                raise ValueError(f"--parts: want step counts like 32,16,16,32 or auto:P, got {auto!r}")
-            macs = step_macs(channels, self.image_size, self.levels, self.steps, self.hidden)
-            self.parts = balanced_parts(int(auto[5:]), macs)
         self.parts = check_flow(self.parts or default_parts(self.levels, self.steps), self.levels, self.steps,
                                 self.image_size)
-        if not 0 <= self.prior_bound < math.inf:  # nan fails too
-            raise ValueError(f"--prior-bound: must be 0 (unbounded) or positive and finite, got {self.prior_bound}")
         self.lr = self.lr if isinstance(self.lr, list) else [self.lr]
         self.lr = self.lr * len(self.parts) if len(self.lr) == 1 else self.lr
         if len(self.lr) != len(self.parts):
-            raise ValueError(f"--lr gives {len(self.lr)} rates for {len(self.parts)} parts")
+            raise UsageError(f"--lr gives {len(self.lr)} rates for {len(self.parts)} parts")
+        epoch_steps = min(self.subset or n_train, n_train) // self.batch_size  # a part's turns in an epoch
+        self.warmup = self.warmup or max(1, min(500, epoch_steps // len(self.parts)))
 
 # -----------------------------------------------------------------------------
 # Training: one loop for every mechanism; a schedule says which parts learn on each step.
@@ -613,12 +557,14 @@ class Run:
     seconds: float = 0.0  # training time so far, evaluation excluded
     steps: int = 0
     history: list = field(default_factory=list)  # one metrics dict per finished epoch
+    scores: list = field(default_factory=list)  # per finished epoch, every test image's bits/dim (float32)
     ema: Glow | None = None  # the moving average of the weights (--ema)
-    owner: str | None = None  # the directory of the comparison or sweep the run belongs to
+    continue_with: str | None = None  # the command that continues this run, where --resume may not
 
 def learning_parts(phase, step, phase_steps, n_parts, every=1):
-    """The parts that learn on `step` of a phase. full / finetune / parallel: every part. alternate: one at a time,
-    round-robin, `every` steps a turn. sequential: the phase's steps divided among the parts in order (greedy)."""
+    """The parts that learn on `step` of a phase. full / finetune / parallel: every part. alternate: one at
+    a time, round-robin, `every` steps a turn. sequential: the phase's steps divided among the parts in
+    order (greedy)."""
     if phase == "alternate":
         return [(step // every) % n_parts]
     if phase == "sequential":
@@ -627,7 +573,7 @@ def learning_parts(phase, step, phase_steps, n_parts, every=1):
 
 def make_optimizers(model):
     """One Adam per part: a part keeps its moments and step count while it waits for its turn."""
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")  # one kernel for all of a part's parameters
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")  # one kernel for a part's parameters
     return [torch.optim.Adam(part.parameters(), fused=fused) for part in model.parts]
 
 def losses(model, x, phase, learning):
@@ -638,51 +584,56 @@ def losses(model, x, phase, learning):
         return [model.bits_per_dim(logdet + logpz).mean()]
     return [model.bits_per_dim(log_prob).mean() for log_prob in model.truncated(x, learning)]
 
-def step_parts(run, learning):
-    """Step the learning parts' Adams, each at its own rate, warmed up linearly over the part's own
-    first cfg.warmup updates. The other parts' Adams keep their moments until their turn."""
+def step_parts(run, learning, decay=1.0):
+    """Step the learning parts' Adams, each at its own rate times `decay`, warmed up linearly over the
+    part's own first cfg.warmup updates. The other parts' Adams keep their moments until their turn."""
     for k in learning:
         for group in run.optimizers[k].param_groups:
-            group["lr"] = run.cfg.lr[k] * min(1.0, (run.updates[k] + 1) / run.cfg.warmup)
+            group["lr"] = run.cfg.lr[k] * min(1.0, (run.updates[k] + 1) / run.cfg.warmup) * decay
         if run.cfg.clip:  # the part's gradient, scaled down to norm `clip` if it is longer
             torch.nn.utils.clip_grad_norm_(run.model.parts[k].parameters(), run.cfg.clip)
         run.optimizers[k].step()
         run.updates[k] += 1
 
 class RunStopped(Exception):
-    """The run cannot go on (a non-finite loss, a lost process): its message says which checkpoint is kept."""
+    """The run cannot go on (a non-finite loss, a lost process): the command says why in one line, exit 1."""
 
 def train(run, data, log=print, shard=slice(None)):
     """Train run.cfg's mechanism, then its finetuning, from run's epoch to epochs + finetune: every
     mechanism is this one loop, and they differ only in which parts learn on a step and in the loss it
     backpropagates. `shard`: the rows of each batch this process trains on (under data parallel)."""
     from tqdm import tqdm
-    cfg, model, train_images, test_images = run.cfg, run.model, *data
-    device, n_parts, steps_per_epoch = torch.device(cfg.device), len(model.parts), len(train_images) // cfg.batch_size
+    cfg, model, (train_images, test_images), device = run.cfg, run.model, data, torch.device(run.cfg.device)
+    n_parts, epoch_steps = len(model.parts), len(train_images) // cfg.batch_size
     params, averages = list(model.parameters()), list(run.ema.parameters()) if run.ema else None
     model.train()
     for epoch in range(run.epoch + 1, cfg.epochs + cfg.finetune + 1):
-        phase, past = (cfg.mode, epoch - 1) if epoch <= cfg.epochs else ("finetune", epoch - 1 - cfg.epochs)
-        phase_steps = (cfg.epochs if epoch <= cfg.epochs else cfg.finetune) * steps_per_epoch
+        phase, past, length = ((cfg.mode, epoch - 1, cfg.epochs) if epoch <= cfg.epochs else  # the mechanism,
+                               ("finetune", epoch - 1 - cfg.epochs, cfg.finetune))  # then finetuning
         loss_sums, loss_counts = [0.0] * n_parts, [0] * n_parts
         sync(device)
         t_epoch = time.perf_counter()
         loader = batches(train_images, cfg.batch_size, cfg.seed, epoch)
         for i, (batch,) in enumerate(tqdm(loader, desc=f"epoch {epoch} {phase}", leave=False, disable=None)):
             x = preprocess(batch.to(device, non_blocking=True), cfg.n_bits)[shard]
-            learning = learning_parts(phase, past * steps_per_epoch + i, phase_steps, n_parts, cfg.alternate_every)
+            step = past * epoch_steps + i
+            learning = learning_parts(phase, step, length * epoch_steps, n_parts, cfg.alternate_every)
             step_losses = losses(model, x, phase, learning)
             values = [loss.item() for loss in step_losses]
             owners = [n_parts - 1] if phase in END_TO_END else learning  # the part each value belongs to
-            if not all(math.isfinite(v) for v in values):
-                raise RunStopped(f"non-finite loss in part {first_nonfinite_part(model, x, owners, values)} of "
-                                 f"{n_parts} at epoch {epoch} ({phase}), step {i}; {checkpoint_note(cfg.out)}")
+            if not all(math.isfinite(v) for v in values):  # name the first part that fails: where it starts
+                with torch.no_grad():
+                    bad = [k for k, lp in enumerate(model.truncated(x)) if not torch.isfinite(lp).all()]
+                raise RunStopped(f"non-finite loss in part {(bad + owners)[0] + 1} of {n_parts} at epoch "
+                                 f"{epoch} ({phase}), step {i}")
             model.zero_grad(set_to_none=True)
             sum(step_losses).backward()
-            step_parts(run, learning)  # only the learning parts step
+            progress = min(1.0, run.steps / (cfg.decay * epoch_steps)) if cfg.decay else 0.0  # of the decay
+            step_parts(run, learning, 0.5 * (1 + math.cos(math.pi * progress)))  # only the learning parts
             if run.ema:  # Polyak averaging; the decay grows from 0.1 so the average starts near the weights
                 with torch.no_grad():
-                    torch._foreach_lerp_(averages, params, 1 - min(cfg.ema, (1 + run.steps) / (10 + run.steps)))
+                    weight = 1 - min(cfg.ema, (1 + run.steps) / (10 + run.steps))
+                    torch._foreach_lerp_(averages, params, weight)
             run.steps += 1
             for k, v in zip(owners, values):
                 loss_sums[k], loss_counts[k] = loss_sums[k] + v, loss_counts[k] + 1
@@ -692,20 +643,15 @@ def train(run, data, log=print, shard=slice(None)):
         finish_epoch(run, epoch, phase, train_parts, evaluate_run(run, test_images), log)
     return run
 
-@torch.no_grad()
-def first_nonfinite_part(model, x, owners, values):
-    """The first part (1-based) whose truncated loss on x is not finite: where a failure starts, even
-    when a later part's loss is the one that showed it; else the first part whose value was."""
-    bad = [k for k, lp in enumerate(model.truncated(x)) if not torch.isfinite(lp).all()]
-    return (bad + [k for k, v in zip(owners, values) if not math.isfinite(v)])[0] + 1
+FEW = 0.05  # bits/dim: the images worse than noise "make the mean" where they add more than this to it
 
 @torch.no_grad()
 def evaluate(model, images, batch_size, device):
     """The test metrics, with the same dequantization noise every time: the mean bits/dim of the model
-    (test_bpd, the paper's metric) and of the flow truncated after each part (part_losses), and what the
-    mean rests on: the median image, the images that score worse than uniform noise on the cube (above
-    n_bits: how many, the first 20), and whether the mean lies above the 99th percentile of the images'
-    scores, which only the worst 1 % can do (test_dominated: a few images make the mean)."""
+    (test_bpd, the paper's metric) and of the flow truncated after each part (part_losses); what the mean
+    rests on: the median image, the images worse than uniform noise on the cube (above n_bits): how many,
+    the first 20, what they add to the mean (the mean minus the mean without them; all: minus n_bits); and
+    every image's bits/dim (per_image)."""
     was_training, per_image = model.training, []
     model.eval()
     totals = torch.zeros(len(model.parts), dtype=torch.float64, device=device)
@@ -715,15 +661,15 @@ def evaluate(model, images, batch_size, device):
         per_image.append(bpd[-1])
     model.train(was_training)
     part_bpd, bpd = (totals / len(images)).tolist(), torch.cat(per_image).cpu()
-    worse = torch.nonzero(~(bpd <= model.n_bits)).flatten()  # nan counts as worse
+    worse = ~(bpd <= model.n_bits)  # nan counts as worse
+    rest = bpd[~worse].mean().item() if (~worse).any() else model.n_bits
     return {"test_bpd": part_bpd[-1], "part_losses": part_bpd, "test_median_bpd": bpd.median().item(),
-            "test_outliers": len(worse), "test_outlier_ids": worse[:20].tolist(),
-            "test_dominated": bool(part_bpd[-1] > torch.quantile(bpd, 0.99).item())}
+            "test_outliers": int(worse.sum()), "test_outlier_ids": torch.nonzero(worse)[:20, 0].tolist(),
+            "test_outlier_share": part_bpd[-1] - rest if worse.any() else 0.0, "per_image": bpd.float()}
 
 def evaluate_run(run, images):
     """evaluate() of the run's model: with --ema, of the averaged weights, and raw_test_bpd of the raw."""
-    device = torch.device(run.cfg.device)
-    score = lambda model: evaluate(model, images, run.cfg.batch_size, device)  # noqa: E731
+    score = lambda model: evaluate(model, images, run.cfg.batch_size, run.cfg.device)  # noqa: E731
     return {**score(run.ema), "raw_test_bpd": score(run.model)["test_bpd"]} if run.ema else score(run.model)
 
 def sync(device):
@@ -732,40 +678,47 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 def finish_epoch(run, epoch, phase, train_parts, test, log):
-    """Record and print the epoch's metrics (test: evaluate_run()'s); write samples, checkpoint and
-    metrics.jsonl."""
-    if not math.isfinite(test["test_bpd"]):
-        k = next(k for k, v in enumerate(test["part_losses"]) if not math.isfinite(v))
-        raise RunStopped(f"non-finite test bits/dim in part {k + 1} of {len(test['part_losses'])} at epoch {epoch} "
-                         f"({phase}); {checkpoint_note(run.cfg.out)}")
-    run.epoch = epoch
+    """Record and print the epoch's metrics (test: evaluate_run()'s) and draw samples; then write the
+    checkpoint first, and metrics.jsonl and the samples after it: the checkpoint is the run."""
+    run.epoch, parts = epoch, None if phase in END_TO_END else train_parts  # parts' own losses: where alone
+    run.scores.append(test.pop("per_image"))
     run.history.append({"epoch": epoch, "phase": phase, "train_bpd": train_parts[-1], **test,
-                        "train_part_losses": None if phase in END_TO_END else train_parts, "seconds": run.seconds,
-                        "steps": run.steps})
-    log(f"epoch {epoch:3d} | {phase:10s} | train " + (f"{train_parts[-1]:.3f}" if train_parts[-1] else "  -  ")
+                        "train_part_losses": parts, "seconds": run.seconds, "steps": run.steps})
+    log(f"epoch {epoch:3d} | {phase:10s} | train " + (f"{train_parts[-1]:.3f}" if train_parts[-1] else "-")
         + f" | test {test['test_bpd']:.3f} | parts " + " ".join(f"{v:.3f}" for v in test["part_losses"])
         + f" | {run.seconds:7.1f} s" + (f" | raw weights {test['raw_test_bpd']:.3f}" if run.ema else "")
-        + (f" | a few images make the mean: median {test['test_median_bpd']:.3f}, {test['test_outliers']} "
-           f"above {run.model.n_bits}" if test["test_dominated"] else ""))
+        + (f" | {test['test_outliers']} images worse than noise add {test['test_outlier_share']:.3f} to the "
+           f"mean (median image {test['test_median_bpd']:.3f})" if test["test_outlier_share"] > FEW else ""))
+    # drawn whether or not they are written, so that every run and process takes the same random numbers
+    samples = ((run.ema or run.model).sample(64, temperature=0.7) + 0.5).clamp(0, 1).float().cpu()
     if run.cfg.out:
         from torchvision.utils import save_image
-        samples = ((run.ema or run.model).sample(64, temperature=0.7) + 0.5).clamp(0, 1).float().cpu()
+        save_checkpoint(run)
+        write_atomic(os.path.join(run.cfg.out, "metrics.jsonl"), metrics_text(run.history).encode())
+        png = io.BytesIO()
         samples = F.interpolate(samples, scale_factor=max(1, 64 // samples.shape[-1]))  # big enough to see
-        write_atomic(os.path.join(run.cfg.out, f"samples_{epoch:03d}.png"),
-                     lambda tmp: save_image(samples, tmp, format="png", nrow=8, padding=4))
-        save_checkpoint(run, os.path.join(run.cfg.out, "checkpoint.pt"))
-        # after the checkpoint: the metrics never hold an epoch that a resume would train again
-        write_atomic(os.path.join(run.cfg.out, "metrics.jsonl"),
-                     lambda tmp: open(tmp, "w").writelines(json.dumps(m) + "\n" for m in run.history))
+        save_image(samples, png, format="png", nrow=8, padding=4)
+        write_atomic(os.path.join(run.cfg.out, f"samples_{epoch:03d}.png"), png.getvalue())
 
 # -----------------------------------------------------------------------------
 # Runs: build, checkpoint (atomic, checked whole), resume exactly.
 
 def build_model(cfg):
+    """cfg's Glow on its device, seeded; refused before anything is allocated where its weights, gradients
+    and Adam moments (16 bytes a parameter) would not fit in the device's memory."""
+    glow = lambda: Glow(in_channels=DATASETS[cfg.dataset][0], image_size=cfg.image_size,  # noqa: E731
+                        n_levels=cfg.levels, n_steps=cfg.steps, hidden=cfg.hidden, parts=cfg.parts,
+                        n_bits=cfg.n_bits, part_prior=cfg.part_prior, prior_bound=cfg.prior_bound)
+    with torch.device("meta"):  # shapes only: nothing is allocated or drawn
+        n, device = sum(p.numel() for p in glow().parameters()), torch.device(cfg.device)
+    memory = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else
+              os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if 16 * n > memory:
+        raise UsageError(f"--levels {cfg.levels} --steps {cfg.steps} --hidden {cfg.hidden}: {n:,} parameters "
+                         f"need {16 * n / 2 ** 30:,.0f} GiB to train, {device} has {memory / 2 ** 30:,.0f}")
     torch.manual_seed(cfg.seed)
-    model = Glow(NATIVE[cfg.dataset][0], cfg.image_size, cfg.levels, cfg.steps, cfg.hidden, cfg.parts,
-                 cfg.n_bits, cfg.part_prior, cfg.prior_bound).to(cfg.device, memory_format=torch.channels_last)
-    if cfg.compile:  # a graph per part, grad mode and batch size; static shapes; reverse and sample stay eager
+    model = glow().to(cfg.device, memory_format=torch.channels_last)
+    if cfg.compile:  # a graph per part, grad mode and batch size; static shapes; reverse, sample: eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(model.parts))
         for part in model.parts:
             part.compile(dynamic=False)
@@ -778,265 +731,134 @@ def prepare_data(cfg):
                                    ("test-subset", cfg.test_subset, test_images, "test")):
         if (n or 0) > len(images):
             raise UsageError(f"--{flag} {n}: {cfg.dataset} has only {len(images)} {split} images")
-    return (resize(train_images[:cfg.subset], cfg.image_size),
-            resize(test_images[:cfg.test_subset], cfg.image_size))
+    train_images, test_images = train_images[:cfg.subset], test_images[:cfg.test_subset]
+    return resize(train_images, cfg.image_size), resize(test_images, cfg.image_size)
 
-def write_atomic(path, write):
-    """write(temporary path), then rename it onto path: a reader (or a resume) sees the old file or the
-    new one, never half of one, and a failed write leaves no temporary file behind."""
-    tmp = f"{path}.tmp"
+def write_atomic(path, data):
+    """Write bytes to path through a temporary file and a rename: a reader (or a resume) sees the old file
+    or the new one, never half of one. A failed write (a full disk) names the file, leaves no temporary."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with open(f"{path}.tmp", "wb") as f:
+            f.write(data)
+        os.replace(f"{path}.tmp", path)
+    except OSError as e:
+        e.filename = path  # the file being written, not its temporary (and a failed write() names none)
+        raise
     finally:
-        if os.path.isfile(tmp):
-            os.remove(tmp)
+        if os.path.isfile(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
 
-CHECKPOINT = {"config": dict, "model": dict, "optimizers": list, "updates": list, "epoch": int, "seconds": float,
-              "steps": int, "history": list, "rng": dict, "ema": (dict, type(None)), "owner": (str, type(None))}
+def metrics_text(history):
+    return "".join(json.dumps(m) + "\n" for m in history)
 
-def save_checkpoint(run, path):
-    """Everything a resume needs: the config, weights, every part's Adam, counters, RNG, metrics."""
+CHECKPOINT = {"config": dict, "model": dict, "optimizers": list, "rng": dict, "ema": (dict, type(None)),
+              "updates": list, "epoch": int, "seconds": float, "steps": int, "history": list, "scores": list,
+              "continue_with": (str, type(None))}  # the last seven: the Run's own fields
+
+def save_checkpoint(run):
+    """Everything a resume needs: the config, weights, every part's Adam, counters, RNG, metrics, scores."""
     cuda = torch.device(run.cfg.device).type == "cuda"
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(run.cfg.device) if cuda else None}
-    write_atomic(path, lambda tmp: torch.save({
-        "config": asdict(run.cfg), "model": run.model.state_dict(), "optimizers": [o.state_dict() for o in
-        run.optimizers], "updates": run.updates, "epoch": run.epoch, "seconds": run.seconds, "steps": run.steps,
-        "history": run.history, "rng": rng, "ema": run.ema.state_dict() if run.ema else None, "owner": run.owner}, tmp))
+    buffer = io.BytesIO()  # written whole by write_atomic: a full disk is an OSError naming the file
+    torch.save({"config": asdict(run.cfg), "model": run.model.state_dict(), "rng": rng, "optimizers": [
+        o.state_dict() for o in run.optimizers], "ema": run.ema and run.ema.state_dict(), **{
+        k: getattr(run, k) for k in list(CHECKPOINT)[5:]}}, buffer)
+    write_atomic(os.path.join(run.cfg.out, "checkpoint.pt"), buffer.getbuffer())
 
 def load_checkpoint(path):
-    """The checkpoint at path, with its fields, their types and its config checked (start_run checks
-    the weights against the config): UsageError naming what is wrong."""
+    """The checkpoint at path, checked whole before anything is built from it: its fields and their types,
+    its config, its counters against its own history, every number finite. UsageError naming what is wrong."""
     if not os.path.isfile(path):
         raise UsageError(f"--resume: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"--resume: checkpoint {path} is corrupt or unreadable ({type(e).__name__})") from None
-    wrong = [k for k, kind in CHECKPOINT.items() if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), kind)]
-    wrong += [k for k, kind in (("updates", int), ("history", dict)) if k not in wrong
-              and not all(isinstance(v, kind) for v in ckpt[k])]
-    wrong += ["rng"] if "rng" not in wrong and not isinstance(ckpt["rng"].get("cpu"), torch.ByteTensor) else []
-    if wrong:
-        raise UsageError(f"--resume: checkpoint {path} lacks or has a malformed {', '.join(wrong)}")
+        raise UsageError(f"--resume: {path} is corrupt or unreadable ({type(e).__name__})") from None
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    wrong = [k for k, kind in CHECKPOINT.items() if not isinstance(ckpt.get(k), kind)]
+    if wrong or not isinstance(ckpt["rng"].get("cpu"), torch.ByteTensor):
+        raise UsageError(f"--resume: {path} lacks or has a malformed {', '.join(wrong or ['rng'])}")
     odd = sorted({f.name for f in fields(Config)} ^ set(ckpt["config"]))
     try:
         if odd:
-            raise ValueError(f"it lacks or has unknown settings: {', '.join(odd)}")
+            raise UsageError(f"it lacks or has unknown settings: {', '.join(odd)}")
         Config(**ckpt["config"])
-    except ValueError as e:
+    except UsageError as e:
         raise UsageError(f"--resume: the config in {path} is not valid ({e})") from None
+    h, steps, updates, epoch = ckpt["history"], ckpt["steps"], ckpt["updates"], ckpt["epoch"]
+    last = h[-1] if h and isinstance(h[-1], dict) else {"steps": 0, "seconds": 0.0}
+    if ([m.get("epoch") if isinstance(m, dict) else m for m in h] != list(range(1, epoch + 1))
+            or len(ckpt["scores"]) != epoch or [steps, ckpt["seconds"]] != [last["steps"], last["seconds"]]
+            or not all(type(u) is int and 0 <= u <= steps for u in updates) or sum(updates) < steps):
+        raise UsageError(f"--resume: {path}: its epoch, steps, seconds or updates do not match its history")
+    tensors = [*ckpt["model"].values(), *(ckpt["ema"] or {}).values(), *ckpt["scores"],
+               *(t for o in ckpt["optimizers"] for s in o.get("state", {}).values() for t in s.values())]
+    if not all(t.isfinite().all() for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()):
+        raise UsageError(f"--resume: {path} holds a NaN or an infinite value")
     return ckpt
 
-def checkpoint_note(out):
-    """The truth about what a stopped run (or comparison, or sweep) leaves in out, for its last message."""
-    path = os.path.join(out or "", "checkpoint.pt")
-    runs = glob.glob(os.path.join(glob.escape(out or ""), "**", "checkpoint.pt"), recursive=True)
-    if not out or not runs:
-        return "no checkpoint was written"
-    if path not in runs:
-        return f"the last checkpoint of each of its {len(runs)} runs under {out} is kept"
-    try:
-        return f"the checkpoint of epoch {torch.load(path, mmap=True, weights_only=True)['epoch']} in {out} is kept"
-    except Exception:  # this is an error path already: say what is there, raise nothing new
-        return f"{path} is kept, but it cannot be read"
-
-def default_warmup(n_parts, steps_per_epoch):
-    """The updates a part gets in an epoch when the parts take turns (an epoch's steps / the parts), at
-    most 500 (CIFAR-10's in the official code): known at the start, the same however long the run."""
-    return max(1, min(500, steps_per_epoch // n_parts))
-
-def start_run(cfg, data=None, init_state=None, ckpt=None):
-    """(run before its first step, (train, test) images): fresh, or restored from ckpt. A fresh run seeds
-    everything from cfg.seed, initialises ActNorm on the first INIT_BATCH training images (or loads
-    init_state) and fixes its warmup; a checkpoint is checked against its config before data loads."""
+def start_run(cfg, data=None, ckpt=None):
+    """(run before its first step, (train, test) images): fresh, or restored from a checked ckpt. A fresh run
+    seeds everything from cfg.seed and initialises ActNorm on the first INIT_BATCH training images: every
+    mechanism of a seed starts from the same weights. A resumed one must be the run in cfg.out."""
     model = build_model(cfg)
     run = Run(cfg, model, make_optimizers(model), updates=[0] * len(model.parts))
-    if ckpt:
-        try:
-            model.load_state_dict(ckpt["model"])
-            if not len(ckpt["optimizers"]) == len(ckpt["updates"]) == len(model.parts):
-                raise ValueError(f"{len(ckpt['optimizers'])} optimizer states and {len(ckpt['updates'])} "
-                                 f"update counts for {len(model.parts)} parts")
-            for optimizer, state in zip(run.optimizers, ckpt["optimizers"]):
-                optimizer.load_state_dict(state)
-            if cfg.ema:
-                run.ema = copy.deepcopy(model)
-                run.ema.load_state_dict(ckpt["ema"])
-            torch.set_rng_state(ckpt["rng"]["cpu"])
-            if torch.device(cfg.device).type == "cuda" and ckpt["rng"]["cuda"] is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], cfg.device)
-        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            detail = next(line.strip() for line in str(e).splitlines()[1:] + [str(e)] if line.strip())
-            raise UsageError(f"--resume: the checkpoint does not fit its config ({detail})") from None
-        for key in ("updates", "epoch", "seconds", "steps", "history", "owner"):
-            setattr(run, key, ckpt[key])
+    run.ema = copy.deepcopy(model) if cfg.ema and ckpt else None
+    try:  # a checkpoint that does not fit the model its config builds
+        for module, key in ((model, "model"), (run.ema, "ema")) if ckpt else ():
+            if module is not None:
+                module.load_state_dict(ckpt[key])
+        if ckpt and not len(ckpt["optimizers"]) == len(ckpt["updates"]) == len(model.parts):
+            raise ValueError(f"{len(ckpt['optimizers'])} optimizer states for {len(model.parts)} parts")
+        for optimizer, state in zip(run.optimizers, ckpt["optimizers"] if ckpt else []):
+            optimizer.load_state_dict(state)
+            moments = [(p, v) for p, state in optimizer.state.items() for v in state.values() if v.dim()]
+            if any(v.shape != p.shape for p, v in moments):
+                raise ValueError("an Adam moment does not have its parameter's shape")
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        detail = next(line.strip() for line in str(e).splitlines()[1:] + [str(e)] if line.strip())
+        raise UsageError(f"--resume: the checkpoint does not fit its config ({detail})") from None
     train_images, test_images = data if data is not None else prepare_data(cfg)
     if len(train_images) < cfg.batch_size:
-        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(train_images)} training images")
-    if not ckpt:
-        if init_state is not None:
-            model.load_state_dict(init_state)
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(train_images)} images")
+    metrics = os.path.join(cfg.out, "metrics.jsonl") if cfg.out else None
+    if ckpt:
+        for key in list(CHECKPOINT)[5:]:  # the counters, history, scores, and what continues the run
+            setattr(run, key, ckpt[key])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if torch.device(cfg.device).type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], cfg.device)
+        written = open(metrics).read() if metrics and os.path.isfile(metrics) else ""
+        if not metrics_text(run.history).startswith(written):
+            raise UsageError(f"--resume: {cfg.out}/checkpoint.pt is not the run in {cfg.out}: its history "
+                             f"differs from metrics.jsonl there")
+        if metrics:  # the metrics of every epoch the checkpoint holds, also where a stop lost the last
+            write_atomic(metrics, metrics_text(run.history).encode())
+    else:
         model.initialize(preprocess(train_images[:INIT_BATCH].to(cfg.device), cfg.n_bits,
                                     generator=torch.Generator(device=cfg.device).manual_seed(cfg.seed)))
         torch.manual_seed(cfg.seed)  # every mechanism sees the same dequantization noise
-        run.cfg = replace(cfg, warmup=cfg.warmup or default_warmup(len(cfg.parts), len(train_images) // cfg.batch_size))
         run.ema = copy.deepcopy(model) if cfg.ema else None
     return run, (train_images, test_images)
 
-def load_model(out):
-    """The model of the run in directory out, as its last checkpoint has it (with --ema, the average)."""
-    ckpt = load_checkpoint(os.path.join(out, "checkpoint.pt"))
-    model = build_model(replace(Config(**ckpt["config"]), compile=False))
-    model.load_state_dict(ckpt["ema"] or ckpt["model"])
-    return model
-
 # -----------------------------------------------------------------------------
-# The poster's experiment: the mechanisms side by side from the same start, and what a step costs.
-
-def measure_step(model, x, phase, learning):
-    """What one training step (losses(), backward) holds and sends: (activation bytes, boundary backward
-    bytes, CUDA peak bytes or None). Activation bytes: the storage of the tensors autograd saves for
-    backward, parameters excluded. Boundary bytes: the gradient that flows back into a part's input from
-    the part after it, counted by a hook on each part's input that fires only if a gradient arrives."""
-    param_ptrs, saved, crossing = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}, [0]
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in param_ptrs:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    def watch_input(module, args):
-        if args[0].requires_grad:
-            args[0].register_hook(lambda grad: crossing.__setitem__(0, crossing[0] + grad.nbytes))
-
-    hooks, cuda = [part.register_forward_pre_hook(watch_input) for part in model.parts[1:]], x.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(x.device)
-        torch.cuda.reset_peak_memory_stats(x.device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step_losses = losses(model, x, phase, learning)
-    sum(step_losses).backward()
-    for h in hooks:
-        h.remove()
-    model.zero_grad(set_to_none=True)
-    return sum(saved.values()), crossing[0], torch.cuda.max_memory_allocated(x.device) if cuda else None
-
-def mechanism_steps(mode, n_parts):
-    """The kinds of step a mechanism takes, read off its schedule (learning_parts) over one turn of each part."""
-    return [list(k) for k in dict.fromkeys(tuple(learning_parts(mode, s, n_parts, n_parts)) for s in range(n_parts))]
-
-def step_costs(model, x, mode):
-    """measure_step for each kind of step the mechanism takes (one turn of its schedule): the largest."""
-    costs = [measure_step(model, x, mode, learning) for learning in mechanism_steps(mode, len(model.parts))]
-    return {"activation_bytes": max(c[0] for c in costs), "boundary_backward_bytes": max(c[1] for c in costs),
-            "cuda_max_memory_allocated": None if costs[0][2] is None else max(c[2] for c in costs)}
-
-def compare(cfg, modes=("full", "alternate"), log=print):
-    """Train each mechanism from the same initial weights, data order and seed into cfg.out/<mode>; write
-    compare.json/png. full trains epochs + finetune epochs end to end (the same total); every other mode
-    trains its `epochs`, then `finetune` epochs end to end."""
-    shared, data = start_run(replace(cfg, out=None))  # the initialised model every run starts from
-    init_state = copy.deepcopy(shared.model.state_dict())
-    # What one step of each mechanism holds and sends, on the shared start. This also runs every kind of
-    # step once, so no run pays the one-off cost of first-time kernel setup inside its timing.
-    probe = preprocess(data[0][:cfg.batch_size].to(cfg.device), cfg.n_bits)
-    costs, runs = {mode: step_costs(shared.model, probe, mode) for mode in modes}, []
-    for mode in modes:
-        log(f"--- {mode}")
-        moved = cfg.finetune if mode == "full" else 0  # full trains the finetuning epochs as its own
-        run_cfg = replace(cfg, mode=mode, out=os.path.join(cfg.out, mode), epochs=cfg.epochs + moved,
-                          finetune=cfg.finetune - moved)
-        with claim_run_dir(run_cfg.out):  # a run of its own, which only this comparison writes
-            run, _ = start_run(run_cfg, data, init_state)
-            run.owner = cfg.out
-            train(run, data, log)
-        last, mechanism = run.history[-1], run.history[run.cfg.epochs - 1]  # the end, and the mechanism's
-        runs.append({"name": mode if mode == "full" or not cfg.finetune else f"{mode}+finetune", "mode": mode,
-                     "epochs": run.cfg.epochs, "finetune": run.cfg.finetune, "final_test_bpd": last["test_bpd"],
-                     "final_median_bpd": last["test_median_bpd"], "final_dominated": last["test_dominated"],
-                     "train_seconds": run.seconds, "step_seconds": mechanism["seconds"] / mechanism["steps"],
-                     **costs[mode], "curve": run.history})
-    full = runs[modes.index("full")]["curve"]
-    target, what = smoothed_final(full, cfg.ema)
-    for r in runs:
-        r["time_to_target"] = next((m["seconds"] for m in r["curve"] if target and m["test_bpd"] <= target), None)
-        same_time = at_time(full, r["train_seconds"])
-        r["full_bpd_at_equal_time"] = same_time["test_bpd"] if same_time and not same_time["test_dominated"] else None
-    summary = {"config": asdict(cfg), "target_bpd": target, "target": what, "runs": runs}
-    write_results(summary, cfg.out, "compare", plot_compare)
-    log(summary_table(summary))
-    return summary
-
-def smoothed_final(curve, ema):
-    """(target, what it is): full's final test bits/dim, which one lucky or unlucky evaluation cannot move
-    much: its averaged weights' (--ema), else the mean of its last three evaluations. None where a few
-    images make one of those means: such a target says more about them than about the model."""
-    last = curve[-1:] if ema else curve[-3:]
-    if any(m["test_dominated"] for m in last):
-        return None, "none: a few test images make full's final mean bits/dim (see its test_median_bpd)"
-    return statistics.fmean(m["test_bpd"] for m in last), ("full's final bits/dim with averaged weights (--ema)"
-                                                             if ema else "the mean of full's last 3 evaluations")
-
-def at_time(curve, seconds):
-    """The evaluation a run had reached after `seconds` of training (its last one by then), or None."""
-    return next((m for m in reversed(curve) if m["seconds"] <= seconds * (1 + 1e-9)), None)
-
-def write_results(summary, out, name, plot):
-    """out/name.json, and out/name.png drawn by plot, each written atomically."""
-    write_atomic(os.path.join(out, f"{name}.json"), lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1)))
-    write_atomic(os.path.join(out, f"{name}.png"), lambda tmp: plot(summary, tmp))
-
-def markdown_table(header, rows):
-    lines = ["| " + " | ".join(cells) + " |" for cells in [header, *rows]]
-    return "\n".join([lines[0], "|---" * len(header) + "|", *lines[1:]])
-
-def summary_table(summary):
-    """The comparison as a Markdown table (ratios to full's); no time comes from a mean that a few images make."""
-    full = next(r for r in summary["runs"] if r["mode"] == "full")
-    header = ["run", "final test bpd", "median image", "train s", "time / full", "time to full's bpd (s)",
-              "full's bpd at equal time", "step ms", "step / full", "activations MB", "boundary grad KB"]
-    return markdown_table(header, [
-        [r["name"], f"{r['final_test_bpd']:.3f}" + " (a few images make it)" * r["final_dominated"],
-         f"{r['final_median_bpd']:.3f}", f"{r['train_seconds']:.0f}",
-         f"{r['train_seconds'] / full['train_seconds']:.2f}", "no target" if summary["target_bpd"] is None else
-         f"{r['time_to_target']:.0f}" if r["time_to_target"] is not None else "never",
-         f"{r['full_bpd_at_equal_time']:.3f}" if r["full_bpd_at_equal_time"] else "-", f"{1e3 * r['step_seconds']:.1f}",
-         f"{r['step_seconds'] / full['step_seconds']:.2f}", f"{r['activation_bytes'] / 2 ** 20:.1f}",
-         f"{r['boundary_backward_bytes'] / 2 ** 10:.0f}"] for r in summary["runs"]]) + f"\ntarget: {summary['target']}"
-
-def plot_compare(summary, path):
-    """Test bits/dim against epoch and against training seconds; dotted lines mark finetuning's start."""
-    from matplotlib.figure import Figure  # not pyplot: the caller's backend (a notebook's) is left alone
-    fig = Figure(figsize=(11, 4))
-    axes = fig.subplots(1, 2, sharey=True)
-    for r in summary["runs"]:
-        curve, start = r["curve"], r["epochs"] if r["finetune"] else None
-        for ax, key in zip(axes, ("epoch", "seconds")):
-            line, = ax.plot([m[key] for m in curve], [m["test_bpd"] for m in curve], marker=".", label=r["name"])
-            if start:
-                ax.axvline(curve[start - 1][key], color=line.get_color(), linestyle=":", alpha=0.7)
-            if summary["target_bpd"] is not None:
-                ax.axhline(summary["target_bpd"], color="grey", linewidth=0.8, alpha=0.6)
-    axes[0].set(xlabel="epoch", ylabel="test bits/dim", title="per epoch")
-    axes[1].set(xlabel="training seconds", title="per second of training (the poster's claim)")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-
-# -----------------------------------------------------------------------------
-# Data parallel under torchrun, for every mechanism. Nothing above knows about processes: train()
-# takes the rows of a batch to train on, and this section averages the gradients from outside.
+# Data parallel under torchrun, for every mechanism. Nothing above knows about processes: train() takes
+# the rows of a batch to train on, and this section averages the gradients from outside.
 
 def torchrun_env():
-    """(rank, local rank, number of processes) as torchrun sets them; (0, 0, 1) in a plain run."""
-    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    """(rank, local rank, number of processes) under torchrun; (0, 0, 1) otherwise, whatever else is set."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return 0, 0, 1
+    return tuple(int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 
 def average_gradients(optimizer, args=None, kwargs=None):
     """An optimizer step pre-hook: its gradients, averaged over the processes (one all-reduce)."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     flat = torch.cat([g.flatten() for g in grads])
-    torch.distributed.all_reduce(flat)
+    try:
+        torch.distributed.all_reduce(flat)
+    except RuntimeError as e:  # gloo / NCCL: the connection to a peer is gone
+        raise RunStopped(f"a process of the run was lost ({str(e).strip().splitlines()[0][:200]})") from None
     for g, avg in zip(grads, (flat / torch.distributed.get_world_size()).split([g.numel() for g in grads])):
         g.copy_(avg.view_as(g))
 
@@ -1048,51 +870,39 @@ def init_distributed(cfg, local_rank):
     torch.distributed.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     return cfg
 
-def train_data_parallel(cfg, ckpt, rank, local_rank, world, log):
-    """Every process holds the whole model (the same seed, the same init) and trains on its rows of each
-    global batch; before a part's optimizer steps, its gradients are averaged. Process 0 writes."""
+def train_data_parallel(cfg, ckpt, resume, log):
+    """Every process holds the whole model (the same seed, init and random numbers) and trains on its rows
+    of each global batch; before a part's optimizer steps, its gradients are averaged. Process 0 writes."""
+    rank, local_rank, world = torchrun_env()
     if cfg.batch_size % world:
-        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide among {world} processes")
-    run, data = start_run(init_distributed(cfg, local_rank), ckpt=ckpt)
-    for optimizer in run.optimizers:
-        optimizer.register_step_pre_hook(average_gradients)
-    run.cfg = replace(run.cfg, out=run.cfg.out if rank == 0 else None)  # one writer per run directory
-    try:
-        train(run, data, log, shard=slice(rank, None, world))
-    except RuntimeError as e:  # gloo or NCCL: a peer process died
-        raise RunStopped(f"process {rank}: another process of the run was lost ({str(e).splitlines()[0]}); "
-                         f"{checkpoint_note(cfg.out)}") from None
+        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) does not divide among {world}")
+    with claim_run_dir(cfg.out, resume) if rank == 0 else open(os.devnull):  # before anyone is waited for
+        cfg = init_distributed(replace(cfg, out=None if rank else cfg.out), local_rank)  # process 0 writes
+        run, data = start_run(cfg, ckpt=ckpt)
+        for optimizer in run.optimizers:
+            optimizer.register_step_pre_hook(average_gradients)
+        return train(run, data, log, shard=slice(rank, None, world))
 
 # -----------------------------------------------------------------------------
-# Command line: the flags are Config's fields. Every command here keeps the same promises: one
-# writer per directory, nothing written is lost, anything wrong is one line and a non-zero exit.
+# Command line: the flags are Config's fields. Every command keeps the same promises: one writer per
+# directory, nothing written is lost, anything wrong is one line and a non-zero exit.
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage too)
         raise UsageError(message)
 
-def parse_parts(text):  # --parts 32,16,16,32 or auto:P (Config checks both)
-    return text if text.startswith("auto:") else [int(p) for p in text.split(",")]
-
-def parse_rates(text):  # --lr 1e-3, or one rate per part
-    return [float(v) for v in text.split(",")]
-
-def parse_modes(text):
-    modes = text.split(",")
-    if any(m not in MODES for m in modes) or "full" not in modes or len(set(modes)) < len(modes):
-        raise argparse.ArgumentTypeError(f"must list 'full' and others of {', '.join(MODES)}, each once; got {text!r}")
-    return modes
-
-def make_parser(description="Glow trained in gradient-isolated parts: full, alternate, sequential or parallel "
-                            "training, + finetuning, and the poster's comparison."):
-    """The flags of Config's fields; a flag not given takes Config's default, or the checkpoint's."""
-    p = Parser(description=description)
-    for f in fields(Config):
+def make_parser(description, without=()):
+    """The flags of Config's fields but those `without`; one not given takes Config's default (on --resume,
+    the checkpoint's). --parts 32,16,16,32; --lr 1e-3 or one per part; --prior-bound 0: no bound."""
+    p = Parser(description=description, allow_abbrev=False)  # --mode is not --modes
+    parse = {"parts": lambda t: [int(v) for v in t.split(",")], "prior_bound": lambda t: float(t) or None,
+             "lr": lambda t: [float(v) for v in t.split(",")]}
+    for f in (f for f in fields(Config) if f.name not in without):
         m = f.metadata
-        kwargs = {"action": m["action"]} if m["action"] else {
-            "type": {"parts": parse_parts, "lr": parse_rates}.get(f.name, m["kind"]), "choices": m["choices"]}
+        how = {"action": m["action"]} if m["action"] else {"type": parse.get(f.name, m["kind"]),
+                                                           "choices": m["choices"]}
         p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
-                       help=f"{m['help']} (default: {f.default})", **kwargs)
+                       help=f"{m['help']} (default: {f.default})", **how)
     return p
 
 RESUMABLE = ("epochs", "finetune", "lr", "warmup", "clip", "data_dir", "device", "out", "compile")
@@ -1100,158 +910,131 @@ RESUMABLE = ("epochs", "finetune", "lr", "warmup", "clip", "data_dir", "device",
 def flags(names):
     return ", ".join("--" + name.replace("_", "-") for name in names)
 
-def resume_config(saved, given, done, log):
-    """A resumed run's Config: the checkpoint's, with the flags given applied where a resume may change
-    them (each one logged), and refused with one line where it may not."""
-    changed = {k: v for k, v in given.items() if getattr(replace(saved, **{k: v}), k) != getattr(saved, k)}
-    for k, v in changed.items():
-        if k not in RESUMABLE:
-            raise UsageError(f"{flags([k])} {v}: this run was built with {k} = {getattr(saved, k)}, "
-                             f"and a resume cannot change that (it may change {flags(RESUMABLE)})")
-    cfg = replace(saved, **changed)
+def resume_config(ckpt, given, log=print):
+    """A resumed run's Config: the checkpoint's, with the flags given that a resume may change (RESUMABLE),
+    each logged, and refused in one line where it may not."""
+    cfg, saved, done = Config(**{**ckpt["config"], **given}), Config(**ckpt["config"]), ckpt["epoch"]
+    changed = [k for k in given if getattr(cfg, k) != getattr(saved, k)]
+    fixed = [k for k in changed if k not in RESUMABLE]
+    if fixed:
+        raise UsageError(f"{flags(fixed[:1])}: the run keeps its {fixed[0]} = {getattr(saved, fixed[0])} (a "
+                         f"resume may change {flags(RESUMABLE)})")
     if cfg.epochs != saved.epochs and (saved.mode == "sequential" or done > min(cfg.epochs, saved.epochs)):
-        why = (f"a sequential run sizes each part's turn from --epochs ({saved.epochs} here), so it cannot "
-               f"continue exactly to another value" if saved.mode == "sequential" else
-               f"the run has already trained {done} epochs, past its {saved.epochs} of {saved.mode}")
-        raise UsageError(f"--epochs {cfg.epochs}: {why}; keep --epochs {saved.epochs} (--finetune may change)")
+        raise UsageError(f"--epochs {cfg.epochs}: this {saved.mode} run of {saved.epochs} epochs has trained "
+                         f"{done} (sequential turns follow --epochs): keep it, change --finetune")
     if cfg.epochs + cfg.finetune <= done:
-        raise UsageError(f"the run in {cfg.out} already has {done} epochs ({saved.epochs} + {saved.finetune} "
-                         f"finetuning); ask for more with --epochs or --finetune")
-    show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
+        raise UsageError(f"the run in {cfg.out} already has {done} epochs: ask for more epochs")
     for k in changed:
-        log(f"resume: {flags([k])} {show(getattr(cfg, k))} (was {show(getattr(saved, k))})")
+        log(f"resume: {flags([k])} {getattr(cfg, k)} (was {getattr(saved, k)})")
     return cfg
 
 def config_from_args(args, log=print):
-    """(Config, checkpoint or None) from parsed flags, after every check that needs no data: UsageError (one
-    line) for anything wrong. A flag not given takes Config's default, or on --resume the checkpoint's."""
+    """(Config, checkpoint or None) from parsed flags, after every check that needs no data; on --resume,
+    the checkpoint's config with the flags given that a resume may change."""
     given = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
-    compare, resume = getattr(args, "compare", False), getattr(args, "resume", False)
-    if getattr(args, "compare_modes", None) and not compare:
-        raise UsageError("--compare-modes names the mechanisms of --compare: give --compare too")
-    if resume and compare:
-        raise UsageError("a comparison is not continued: run it again into a new --out")
+    given.setdefault("out", f"runs/{given.get('dataset', 'cifar10')}-{given.get('mode', 'alternate')}")
+    resume = getattr(args, "resume", False)
+    ckpt = load_checkpoint(os.path.join(given["out"], "checkpoint.pt")) if resume else None
+    if ckpt and ckpt["continue_with"]:
+        raise UsageError(f"--out {given['out']}: this run is continued by its experiment's command: "
+                         f"{ckpt['continue_with']}")
+    cfg = resume_config(ckpt, given, log) if ckpt else Config(**given)
     try:
-        if resume:  # the checkpoint's config, with the flags given applied one by one
-            where = {f.name: given.get(f.name, f.default) for f in fields(Config) if f.name in ("out", "dataset",
-                                                                                                "mode")}
-            for f in [f for f in fields(Config) if f.name in where and f.name in given]:
-                check_setting(f, given[f.name])
-            out = where["out"] or os.path.join("runs", f"{where['dataset']}-{where['mode']}")
-            ckpt = load_checkpoint(os.path.join(out, "checkpoint.pt"))
-            if ckpt["owner"]:
-                raise UsageError(f"--out {out}: this run belongs to the comparison or sweep in {ckpt['owner']}; "
-                                 f"continue it only through that command")
-            cfg = resume_config(Config(**ckpt["config"]), {**given, "out": out}, ckpt["epoch"], log)
-        else:
-            cfg, ckpt = Config(**given), None
-            cfg.out = cfg.out or os.path.join("runs", f"{cfg.dataset}-{'compare' if compare else cfg.mode}")
         if torch.device(cfg.device).type not in ("cpu", "cuda", "mps"):
             raise RuntimeError("only cpu, cuda and mps are supported")
         torch.empty(0, device=cfg.device)  # the device exists here
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     except (RuntimeError, AssertionError) as e:
         raise UsageError(f"--device {cfg.device}: not usable here ({str(e).splitlines()[0]})") from None
-    uses = {"mode": not compare, "alternate_every": cfg.mode == "alternate" or compare,
-            "part_prior": len(cfg.parts) > 1, "prior_bound": cfg.levels > 1}
-    unused = [k for k, used in uses.items() if k in given and not used]
-    if unused:  # a flag that this run would accept and ignore
-        raise UsageError(f"{flags(unused)}: this run has no use for it (--compare trains --compare-modes; "
-                         f"--alternate-every is for --mode alternate; the priors need two parts, two levels)")
-    if cfg.epochs + cfg.finetune == 0 or (compare and cfg.epochs == 0):
-        raise UsageError("--compare times each mechanism's own epochs: give --epochs >= 1" if compare else
-                         "nothing to train: give --epochs (and --finetune)")
+    if cfg.epochs + cfg.finetune == 0:
+        raise UsageError("nothing to train: give --epochs (and --finetune)")
     return cfg, ckpt
 
-def claim_run_dir(out, resume=False):
+def claim_run_dir(out, resume=False, hint="continue the run there with --resume, or choose another --out"):
     """Create `out` and lock it for this process (in a with block): one writer per directory. The lock is
-    the operating system's (flock), so it ends with the process however it ends, kill -9 too. A fresh
-    start needs an empty directory: one that holds anything is continued (resume) or refused."""
+    the operating system's (flock), so it ends with the process however it ends, kill -9 too. A fresh start
+    needs a directory that holds nothing but the lock and the temporary files of a stopped write."""
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, ".lock"), "w")
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot create or write it ({e.strerror or e})") from None
-    try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.close()
-        raise UsageError(f"--out {out} is in use by another run; wait for it to end, or choose another --out") from None
-    held = sorted(set(os.listdir(out)) - {".lock"})
+        raise UsageError(f"--out {out} is in use by another run: wait, or choose another --out") from None
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create or write it ({e.strerror or e})") from None
+    held = sorted(name for name in os.listdir(out) if name != ".lock" and not name.endswith(".tmp"))
     if held and not resume:
         lock.close()
-        raise UsageError(f"--out {out} already holds {', '.join(held[:3])}{', ...' * (len(held) > 3)}: continue "
-                         f"a run there with --resume, or choose another --out")
+        raise UsageError(f"--out {out} already holds {', '.join(held[:3])}{', ...' * (len(held) > 3)}: "
+                         f"{hint}")
     return lock
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 def interrupt(signum, frame):
-    """Ctrl-C and SIGTERM (what a cluster scheduler sends): the first stops the run; no later one cuts that short."""
-    for s in (signal.SIGINT, signal.SIGTERM):
+    """Ctrl-C and SIGTERM (what a scheduler sends): the first stops the run; no later one cuts that short."""
+    for s in SIGNALS:
         signal.signal(s, lambda *args: None)  # not SIG_IGN: a signal already pending would be reported
     raise KeyboardInterrupt(signum)
 
+def checkpoint_note(out):
+    """The truth about what a stopped command leaves in out, for its last line."""
+    runs = glob.glob(os.path.join(glob.escape(out), "**", "checkpoint.pt"), recursive=True) if out else []
+    try:
+        epoch = torch.load(os.path.join(out, "checkpoint.pt"), mmap=True, weights_only=True)["epoch"]
+        return f"the checkpoint of epoch {epoch} in {out} is kept"
+    except Exception:  # this is an error path already: say what is there, raise nothing new
+        return f"the last checkpoint of each of its {len(runs)} runs under {out} is kept" if runs else \
+            "no checkpoint was written"
+
 def command(prog, work, argv=None):
-    """Run work(argv, where) with the promises of every command here; return its exit code: 2 and one line
-    for bad input (UsageError); 1 and one line when the run cannot go on (RunStopped, or the disk, a path or
-    the memory failed); 130 / 143 on Ctrl-C / SIGTERM. Each last line says what is kept in where["out"],
-    which work sets as soon as it knows it."""
-    rank, where = torchrun_env()[0], {}
-    previous = [signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)]
+    """The one failure handler of every command here: run work(argv, where) and return the exit code. Bad
+    input (UsageError): 2. A run that cannot go on (RunStopped; a disk, a path or the memory failed): 1.
+    Ctrl-C / SIGTERM: 130 / 143. Each is one line, ending with what is kept in where["out"] (work sets it
+    as soon as it knows it). Anything else is a bug, and its traceback is the report."""
+    rank, _, world = torchrun_env()  # under torchrun, SIGTERM ends a process at once, even while it waits
+    handlers = [signal.signal(s, signal.SIG_DFL if world > 1 and s == signal.SIGTERM else interrupt)
+                for s in SIGNALS]
+    where = {}
     try:
         work(argv, where)
         return 0
-    except (UsageError, RunStopped, OSError, KeyboardInterrupt, MemoryError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
-            raise  # a bug: its traceback is the report
-        for s in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the last line short
+    except (UsageError, RunStopped, OSError, MemoryError, torch.OutOfMemoryError, KeyboardInterrupt) as e:
+        for s in SIGNALS:  # a second signal must not cut the last line short
             signal.signal(s, lambda *args: None)
-        kept, term = checkpoint_note(where.get("out")), e.args[:1] == (signal.SIGTERM,)
-        if isinstance(e, (UsageError, RunStopped)):
-            code, line = (2, f"error: {e}") if isinstance(e, UsageError) else (1, f"stopped: {e}")
+        kept = checkpoint_note(where.get("out"))
+        if isinstance(e, UsageError):
+            code, line = 2, f"error: {e}"
         elif isinstance(e, KeyboardInterrupt):
-            code, line = (143, f"interrupted (SIGTERM); {kept}") if term else (130, f"interrupted (Ctrl-C); {kept}")
-        else:  # the environment failed: a disk, a path, the memory
-            why = f"{e.strerror or e}: {e.filename}" if isinstance(e, OSError) else f"out of memory ({str(e)[:200]})"
+            code, line = (143, "SIGTERM") if e.args == (signal.SIGTERM,) else (130, "Ctrl-C")
+            line = f"interrupted ({line}); {kept}"
+        else:  # the run cannot go on, or the disk, a path or the memory failed
+            why = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) else e
             code, line = 1, f"stopped: {why}; {kept}"
-        if rank == 0 or code == 1:
+        if rank == 0 or code == 1:  # under torchrun, process 0 reports bad input
             print(f"{prog}: {line}", file=sys.stderr)
-        elif code == 2:  # quiet while torchrun stops this process, so that process 0 is the one that says why
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            time.sleep(2)
         return code
     finally:
-        for s, handler in zip((signal.SIGINT, signal.SIGTERM), previous):
+        for s, handler in zip(SIGNALS, handlers):
             signal.signal(s, handler)
         if "torch.distributed" in sys.modules and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
-def run_main(argv, where):
-    """Train a run, continue it (--resume), or compare the mechanisms; data parallel under torchrun."""
-    rank, local_rank, world = torchrun_env()
-    log = print if rank == 0 else (lambda *a: None)
-    p = make_parser()
-    g = p.add_argument_group("what to do (default: train)")
-    g.add_argument("--resume", action="store_true", help=f"continue the run in --out; it may change {flags(RESUMABLE)}")
-    g.add_argument("--compare", action="store_true", help="train the mechanisms side by side from the same start "
-                                                          "into --out; write compare.json/png")
-    g.add_argument("--compare-modes", type=parse_modes, help="what --compare trains (default: full,alternate)")
+def train_command(argv, where):
+    """Train a run, or continue one (--resume); data parallel under torchrun."""
+    p = make_parser("Glow in gradient-isolated parts: full, alternate, sequential or parallel, + finetuning.")
+    p.add_argument("--resume", action="store_true", help=f"continue the run in --out; it may change "
+                                                         f"{flags(RESUMABLE)}")
     args = p.parse_args(argv)
+    log = print if torchrun_env()[0] == 0 else (lambda *a: None)
     cfg, ckpt = config_from_args(args, log)
     where["out"] = cfg.out
-    if isinstance(getattr(args, "parts", None), str):
-        log(f"--parts {args.parts} = {','.join(map(str, cfg.parts))} (equal multiply-adds per part)")
-    if args.compare and world > 1:
-        raise UsageError("--compare times the mechanisms in one process: run it without torchrun")
-    with claim_run_dir(cfg.out, args.resume) if rank == 0 else open(os.devnull):  # before any data is loaded
-        if args.compare:
-            return compare(cfg, args.compare_modes or ["full", "alternate"], log)
-        if world > 1:
-            return train_data_parallel(cfg, ckpt, rank, local_rank, world, log)
+    if torchrun_env()[2] > 1:
+        return train_data_parallel(cfg, ckpt, args.resume, log)
+    with claim_run_dir(cfg.out, args.resume):  # before any data is loaded
         return train(*start_run(cfg, ckpt=ckpt), log)
 
 def main(argv=None):
-    return command("glow_parts.py", run_main, argv)
+    return command("glow_parts.py", train_command, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@ experiments/benchmark.py: what one training step of each mechanism costs at any 
 random images (no dataset needed), beside what the cost model predicts.
 
     python experiments/benchmark.py --modes full,alternate                   # the CIFAR-10 Glow, the poster's parts
-    python experiments/benchmark.py --modes full,alternate --parts auto:4 --batch-size 8 --device cpu
+    python experiments/benchmark.py --modes full,alternate --balanced 4 --batch-size 8 --device cpu
     python experiments/benchmark.py --modes full,alternate --device cuda --no-compile
     python experiments/benchmark.py --modes full,alternate --batch-size 8 --device cpu --recompute
 
@@ -13,11 +13,12 @@ backward (its largest part's), the CUDA peak, and the gradient bytes that cross 
 
 The cost model. A full step costs about 3 forward passes (forward + backward). Part k's step runs
 the parts before it forward without grad and itself forward and backward: with f_k part k's share
-of the forward multiply-adds (glow_parts.step_macs), its step costs (sum_{j<k} f_j + 3 f_k) / 3 of
-a full step. An alternate epoch costs the mean of that over the parts.
+of the forward multiply-adds (step_macs), its step costs (sum_{j<k} f_j + 3 f_k) / 3 of a full step.
+An alternate epoch costs the mean of that over the parts. --balanced P cuts the flow into P parts of
+about equal multiply-adds and prints the cut as a --parts value for glow_parts.py.
 """
-import argparse
-import os
+import functools
+import itertools
 import statistics
 import sys
 import time
@@ -26,13 +27,45 @@ from dataclasses import replace
 import torch
 import torch.utils.checkpoint
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import glow_parts as gp  # noqa: E402
+from common import gp, lab_config, markdown_table, mechanism_steps, step_costs
+from compare import parse_modes
+
+
+def step_macs(in_channels, image_size, n_levels, n_steps, hidden):
+    """Multiply-adds per image of each flow step's convolutions (a split's prior counts with its
+    level's last step): the cost model of a part is the sum over its steps."""
+    macs, C, S = [], in_channels, image_size
+    for level in range(n_levels):
+        C, S = 4 * C, S // 2
+        coupling = 9 * (C // 2) * hidden + hidden * hidden + 9 * hidden * C  # 3x3, 1x1, zero 3x3 convs
+        macs += [S * S * (C * C + coupling)] * n_steps  # + the invertible 1x1 conv
+        if level < n_levels - 1:
+            macs[-1] += S * S * 9 * (C // 2) * C
+            C //= 2
+    return macs
+
+
+def balanced_parts(n_parts, macs):
+    """n_parts contiguous parts whose most expensive one is as cheap as possible (exact: a dynamic
+    programme over the last cut)."""
+    prefix = [0, *itertools.accumulate(macs)]
+
+    @functools.cache
+    def best(i, p):  # (the cheapest largest part, its sizes) when the first i steps form p parts
+        if p == 1:
+            return prefix[i], [i]
+        cost, j = min((max(best(j, p - 1)[0], prefix[i] - prefix[j]), j) for j in range(p - 1, i))
+        return cost, best(j, p - 1)[1] + [i - j]
+    return best(len(macs), n_parts)[1]
+
+
+def cfg_macs(cfg):
+    return step_macs(gp.DATASETS[cfg.dataset][0], cfg.image_size, cfg.levels, cfg.steps, cfg.hidden)
 
 
 def predicted_step(cfg, learning):
     """The cost model's step time relative to a full step, for a step where `learning` parts learn."""
-    macs = gp.step_macs(gp.NATIVE[cfg.dataset][0], cfg.image_size, cfg.levels, cfg.steps, cfg.hidden)
+    macs = cfg_macs(cfg)
     bounds = [0, *[sum(cfg.parts[:k + 1]) for k in range(len(cfg.parts))]]
     share = [sum(macs[a:b]) / sum(macs) for a, b in zip(bounds, bounds[1:])]
     return (sum(share[:learning[0]]) + 3 * sum(share[k] for k in range(learning[0], learning[-1] + 1))) / 3
@@ -66,7 +99,7 @@ def time_steps(run, x, mode, repeats):
     """Median seconds of the loop's own step (losses, backward, the learning parts' Adams at a tiny rate)
     for each kind of step the mechanism takes, after one untimed step of each."""
     medians = []
-    for learning in gp.mechanism_steps(mode, len(run.model.parts)):
+    for learning in mechanism_steps(mode, len(run.model.parts)):
         seconds = []
         for _ in range(repeats + 1):
             gp.sync(x.device)
@@ -82,7 +115,7 @@ def time_steps(run, x, mode, repeats):
 
 def benchmark(cfg, modes, repeats=5, log=print, recomputed=False):
     """One row per mechanism: measured step costs and the cost model's step ratio."""
-    channels, S = gp.NATIVE[cfg.dataset][0], cfg.image_size
+    channels, S = gp.DATASETS[cfg.dataset][0], cfg.image_size
     images = torch.randint(0, 256, (cfg.batch_size, channels, S, S), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(cfg.seed))
     x = gp.preprocess(images.to(cfg.device), cfg.n_bits)
@@ -90,12 +123,12 @@ def benchmark(cfg, modes, repeats=5, log=print, recomputed=False):
     for mode in modes:
         run, _ = gp.start_run(replace(cfg, mode=mode, lr=1e-6, warmup=1, out=None), (images, images))
         run.model = recompute(run.model) if recomputed else run.model
-        medians, kinds = time_steps(run, x, mode, repeats), gp.mechanism_steps(mode, len(cfg.parts))
+        medians, kinds = time_steps(run, x, mode, repeats), mechanism_steps(mode, len(cfg.parts))
         rows.append({"mode": mode, "step_seconds": statistics.fmean(medians), "part_step_seconds": medians,
-                     **gp.step_costs(run.model, x, mode),
+                     **step_costs(run.model, x, mode),
                      "predicted": statistics.fmean(predicted_step(cfg, k) for k in kinds)})
     full = next((r for r in rows if r["mode"] == "full"), rows[0])
-    table = gp.markdown_table(
+    table = markdown_table(
         ["mechanism", "step s", "step / full", "cost model", "per-part step s", "activations MB", "CUDA peak MB",
          "boundary grad KB"],
         [[r["mode"], f"{r['step_seconds']:.3f}", f"{r['step_seconds'] / full['step_seconds']:.2f}",
@@ -109,30 +142,28 @@ def benchmark(cfg, modes, repeats=5, log=print, recomputed=False):
     return rows
 
 
-def parse_modes(text):
-    modes = text.split(",")
-    if any(m not in gp.MODES for m in modes) or len(set(modes)) < len(modes):
-        raise argparse.ArgumentTypeError(f"want some of {', '.join(gp.MODES)}, each once; got {text!r}")
-    return modes
-
-
 def run_benchmark(argv, where):
-    p = gp.make_parser("Step costs of each mechanism on random images, beside the cost model.")
+    p = gp.make_parser("Step costs of each mechanism on random images, beside the cost model.", without=(
+        "mode", "epochs", "finetune", "data_dir", "subset", "test_subset", "lr", "warmup", "decay", "alternate_every",
+        "clip", "ema", "out"))
     p.add_argument("--modes", type=parse_modes, default=["full", "alternate"], help="mechanisms (default: full,alternate)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per kind of step, after one measured step")
     p.add_argument("--recompute", action="store_true", help="memory-saving gradients: each flow step keeps only "
                                                             "its input and runs again in backward")
+    p.add_argument("--balanced", type=int, help="cut the flow into this many parts of about equal multiply-adds")
     args = p.parse_args(argv)
-    modes, repeats, recomputed = args.modes, args.repeats, args.recompute
-    unused = [n for n in ("mode", "epochs", "finetune", "data_dir", "subset", "test_subset", "lr", "warmup",
-                          "alternate_every", "ema", "out") if hasattr(args, n)]
-    if unused or repeats < 1 or gp.torchrun_env()[2] > 1:
-        raise gp.UsageError(f"{gp.flags(unused)}: the benchmark times steps of the model these flags do not shape; "
-                            f"give --modes for the mechanisms" if unused else f"--repeats must be at least 1, got "
-                            f"{repeats}" if repeats < 1 else "the benchmark times steps in one process: no torchrun")
-    for name in ("modes", "repeats", "recompute"):
+    modes, repeats, recomputed, balanced = args.modes, args.repeats, args.recompute, args.balanced
+    if repeats < 1 or gp.torchrun_env()[2] > 1:
+        raise gp.UsageError(f"--repeats must be at least 1, got {repeats}" if repeats < 1 else
+                            "the benchmark times steps in one process: no torchrun")
+    for name in ("modes", "repeats", "recompute", "balanced"):
         delattr(args, name)
-    cfg, _ = gp.config_from_args(args)  # every flag checked as glow_parts.py checks it
+    cfg = lab_config(args, "benchmark")
+    if balanced is not None:
+        if not 1 <= balanced <= cfg.levels * cfg.steps:
+            raise gp.UsageError(f"--balanced {balanced}: want 1 to {cfg.levels * cfg.steps} parts (a step each at most)")
+        cfg = replace(cfg, parts=balanced_parts(balanced, cfg_macs(cfg)), lr=cfg.lr[0])
+        print(f"--balanced {balanced}: --parts {','.join(map(str, cfg.parts))}")
     benchmark(cfg, modes, repeats, recomputed=recomputed)
 
 

@@ -20,17 +20,17 @@ import io
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import glow_parts as gp  # noqa: E402
+from common import gp
 
 
 def train_pipeline(cfg, ckpt, rank, world, log):
     """Train part `rank` of cfg's model for cfg.epochs on its truncated objective (--mode parallel)."""
     import torch.distributed as dist
-    run, (train_images, test_images) = gp.start_run(cfg, ckpt=ckpt)
+    run, (train_images, test_images) = gp.start_run(replace(cfg, out=None if rank else cfg.out), ckpt=ckpt)
     cfg, model, device, B = run.cfg, run.model, torch.device(run.cfg.device), run.cfg.batch_size
     part = model.parts[rank]
     # bytes [sent forward, sent backward, received from before, received from after], at every transfer
@@ -57,6 +57,8 @@ def train_pipeline(cfg, ckpt, rank, world, log):
             count(t, rank - 1, sent=False)
         return h.contiguous(memory_format=torch.channels_last), const
 
+    part_out = [None]  # the part's outputs of the last forward pass: (h_k, zs, logdet, logp)
+    part.register_forward_hook(lambda module, args, out: part_out.__setitem__(0, out))
     model.train()
     for epoch in range(run.epoch + 1, cfg.epochs + 1):
         loss_sum, n_bad = torch.zeros(world, dtype=torch.float64, device=device), torch.zeros(world, device=device)
@@ -66,15 +68,14 @@ def train_pipeline(cfg, ckpt, rank, world, log):
         steps = len(train_images) // B
         loader = [(None,)] * steps if rank else gp.batches(train_images, B, cfg.seed, epoch)
         for batch, in loader:
-            h, const = gp.isolate(*receive(batch))  # what arrives is already cut off: isolated by construction
-            h, _, logdet, logp = part(h)
-            const = const + logdet + logp
+            h, const = receive(batch)
+            loss = model.bits_per_dim(model.truncated(h, [rank], start=rank, const=const)[0]).mean()  # L_k
             wait_for_sends()  # the previous batch's sends, before this batch's go out
-            for t in (h, const) if rank + 1 < world else ():  # forward only; nothing ever comes back
+            out = part_out[0]  # what the part passed on: h_k, and with its own terms, the constants after it
+            for t in (out[0], const + out[2] + out[3]) if rank + 1 < world else ():  # forward only
                 t = t.detach().contiguous()
                 count(t, rank + 1, sent=True)
                 pending.append(dist.isend(t, rank + 1))
-            loss = model.bits_per_dim(const + part.prior.log_prob(h)).mean()  # L_k, as Glow.truncated has it
             if not torch.isfinite(loss):  # stop together at the epoch's end, not alone in the middle
                 n_bad[rank] += 1
                 continue
@@ -90,7 +91,7 @@ def train_pipeline(cfg, ckpt, rank, world, log):
             dist.all_reduce(t)
         if n_bad.sum() > 0:
             raise gp.RunStopped(f"non-finite loss in part {int(torch.nonzero(n_bad)[0]) + 1} of {world} "
-                                f"at epoch {epoch} (pipeline); {gp.checkpoint_note(cfg.out)}")
+                                f"at epoch {epoch} (pipeline)")
         mine = io.BytesIO()  # process 0 gathers every part (weights, Adam state, update count)
         torch.save({"part": part.state_dict(), "optimizer": run.optimizers[rank].state_dict(),
                     "updates": run.updates[rank]}, mine)
@@ -102,7 +103,7 @@ def train_pipeline(cfg, ckpt, rank, world, log):
                 model.parts[k].load_state_dict(theirs["part"])
                 run.optimizers[k].load_state_dict(theirs["optimizer"])
                 run.updates[k] = theirs["updates"]
-            test = gp.evaluate(model, test_images, B, device)
+            test = gp.evaluate_run(run, test_images)
             gp.finish_epoch(run, epoch, cfg.mode, (loss_sum / steps).tolist(), test, log)
             log(f"          pipeline: {int(traffic[0]):,} bytes sent forward between parts this epoch, "
                 f"{int(traffic[1])} backward; received {int(traffic[2]):,} from earlier parts, "
@@ -114,29 +115,26 @@ def train_pipeline(cfg, ckpt, rank, world, log):
 def run_pipeline(argv, where):
     rank, local_rank, world = gp.torchrun_env()
     log = print if rank == 0 else (lambda *a: None)
-    p = gp.make_parser("The parts of Glow on separate processes (torchrun), one part per process.")
+    p = gp.make_parser("The parts of Glow on separate processes (torchrun), one part per process.",
+                       without=("mode", "finetune", "decay", "alternate_every", "clip", "ema"))
     p.add_argument("--resume", action="store_true", help="continue the pipeline's run in --out")
     args = p.parse_args(argv)
-    if getattr(args, "mode", "parallel") != "parallel" or hasattr(args, "alternate_every"):
-        raise gp.UsageError("the pipeline trains --mode parallel only: every part on every batch")
     args.mode = "parallel"
     cfg, ckpt = gp.config_from_args(args, log)
     where["out"] = cfg.out
-    if cfg.mode != "parallel":
-        raise gp.UsageError(f"the run in {cfg.out} trains --mode {cfg.mode}; the pipeline trains only parallel")
+    if cfg.mode != "parallel" or cfg.finetune or cfg.ema or cfg.decay or cfg.clip:
+        raise gp.UsageError(f"the run in {cfg.out} is not a pipeline's (--mode parallel, no finetuning, averaging, "
+                            f"decay or clipping): continue it with glow_parts.py --resume")
     if world != len(cfg.parts):
         raise gp.UsageError(f"the pipeline runs one part per process: {len(cfg.parts)} parts but {world} "
                             f"processes; use --nproc_per_node {len(cfg.parts)}")
-    if cfg.ema or cfg.finetune:
-        raise gp.UsageError("the pipeline keeps no average of the weights (--ema) and sends no gradient back "
-                            "(--finetune): continue its checkpoint with glow_parts.py --resume for those")
-    with gp.claim_run_dir(cfg.out, args.resume) if rank == 0 else open(os.devnull):
+    with gp.claim_run_dir(cfg.out, args.resume) if rank == 0 else open(os.devnull):  # before anyone waits
         cfg = gp.init_distributed(cfg, local_rank)
         try:
             train_pipeline(cfg, ckpt, rank, world, log)
         except RuntimeError as e:  # gloo / NCCL: a peer process died
-            raise gp.RunStopped(f"process {rank}: a process of the pipeline was lost ({str(e).splitlines()[0]}); "
-                                f"{gp.checkpoint_note(cfg.out)}") from None
+            raise gp.RunStopped(f"process {rank}: a process of the pipeline was lost ({str(e).splitlines()[0]})") \
+                from None
 
 
 if __name__ == "__main__":

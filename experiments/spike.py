@@ -11,6 +11,9 @@ its best so far (with --ema, of the raw weights').
 
     python experiments/spike.py --dataset fashion-mnist --image-size 16 --subset 8000 --levels 3 --steps 4 \
         --hidden 64 --parts 4,2,2,4 --warmup 100 --ema 0.995 --mode alternate --epochs 60 --out runs/spike
+
+--beta2 B sets Adam's second-moment decay of every part (the reference keeps torch's 0.999): a shorter
+memory lets the second moment follow a runaway gradient sooner, which tests the explanation of the spike.
 """
 import json
 import os
@@ -18,9 +21,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import glow_parts as gp  # noqa: E402
-from sweep import largest_rise  # noqa: E402
+from common import gp, lab_config
+from sweep import largest_rise
 
 KINDS = {"actnorm": "ActNorm", "invconv": "1x1 conv", "conv3": "coupling output", "coupling": "coupling net",
          "prior": "priors"}  # the first key in a parameter's name names its kind
@@ -113,22 +115,30 @@ def report(run, steps, layers, log=print):
 
 def run_spike(argv, where):
     p = gp.make_parser("A run with every step's gradients, updates and Adam state recorded, to explain a spike.")
+    p.add_argument("--beta2", type=float, default=0.999, help="Adam's second-moment decay, every part (default: "
+                                                               "0.999, as in glow_parts.py)")
     args = p.parse_args(argv)
-    cfg, _ = gp.config_from_args(args)
+    beta2 = args.beta2
+    if not 0 < beta2 < 1:
+        raise gp.UsageError(f"--beta2: must be in (0, 1), got {beta2}")
+    del args.beta2
+    cfg = lab_config(args, "spike")
     where["out"] = cfg.out
-    with gp.claim_run_dir(cfg.out):
+    with gp.claim_run_dir(cfg.out, hint="choose another --out"):
         run, data = gp.start_run(cfg)
+        for optimizer in run.optimizers:
+            for group in optimizer.param_groups:
+                group["betas"] = (group["betas"][0], beta2)
         probe = gp.preprocess(data[1][:256].to(cfg.device), cfg.n_bits, generator=torch.Generator().manual_seed(0))
         steps, layers = [], []
         watch(run, steps)
 
         def log(line):
             print(line)
-            if line.startswith("epoch"):
+            if len(layers) < len(run.history):  # an epoch has ended: record its layers, write both records
                 layers.append({"epoch": run.epoch, "parts": layer_state(run.model, probe)})
                 for name, rows in (("steps.jsonl", steps), ("layers.jsonl", layers)):
-                    gp.write_atomic(os.path.join(cfg.out, name),
-                                    lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in rows))
+                    gp.write_atomic(os.path.join(cfg.out, name), "".join(json.dumps(r) + "\n" for r in rows).encode())
         gp.train(run, data, log)
         report(run, steps, layers)
 

@@ -19,69 +19,26 @@ every stage on the whole test split (the gaps). Results: out/sweep.json, sweep.p
         --parts 4,2,2,4 --warmup 100 --test-subset 2000 --out runs/fashion16-sweep
 """
 import argparse
-import copy
+import io
 import json
 import os
-import shutil
-import statistics
 import sys
 from dataclasses import asdict, replace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import glow_parts as gp  # noqa: E402
+import numpy as np
 
-
-def experiment_run(cfg, data, init_state, owner, log=print):
-    """Train the sweep's run in cfg.out, locked while it trains: from init_state, or on from its checkpoint
-    where the sweep was stopped (with more epochs where the sweep grew; a finished one as it is)."""
-    with gp.claim_run_dir(cfg.out, resume=True):
-        path = os.path.join(cfg.out, "checkpoint.pt")
-        ckpt = gp.load_checkpoint(path) if os.path.exists(path) else None
-        if ckpt and ckpt["owner"] != owner:
-            raise gp.UsageError(f"{cfg.out} holds a run that is not part of the sweep in {owner}")
-        if not ckpt and os.listdir(cfg.out) != [".lock"]:
-            raise gp.UsageError(f"{cfg.out} holds files but no checkpoint: move them away to run it again")
-        if ckpt:
-            saved = gp.Config(**ckpt["config"])
-            done = ckpt["epoch"] >= cfg.epochs + cfg.finetune and (cfg.epochs, cfg.finetune) == (saved.epochs,
-                                                                                                 saved.finetune)
-            cfg = saved if done else gp.resume_config(saved, {k: v for k, v in asdict(cfg).items() if v is not None},
-                                                      ckpt["epoch"], log)
-        run, _ = gp.start_run(cfg, data, init_state, ckpt)
-        run.owner = owner
-        return gp.train(run, data, log)
-
-
-def claim_sweep(out, plan):
-    """Lock out for the sweep and record its plan in sweep-plan.json: the same command continues a
-    stopped sweep (and may add seeds, budgets and splits); another plan, or another kind of directory,
-    is refused."""
-    lock = gp.claim_run_dir(out, resume=True)
-    path = os.path.join(out, "sweep-plan.json")
-    old = json.load(open(path)) if os.path.exists(path) else None
-    if old is None and os.listdir(out) != [".lock"] or old not in (None, plan):
-        lock.close()
-        diff = sorted(k for k in {**plan["config"], **(old or {}).get("config", {})}
-                      if (old or {}).get("config", {}).get(k) != plan["config"].get(k))
-        raise gp.UsageError(f"--out {out} holds " + ("something other than a sweep" if old is None else
-                            f"a sweep whose {', '.join(diff)} differ from these") + "; choose another --out")
-    gp.write_atomic(path, lambda tmp: open(tmp, "w").write(json.dumps(plan, indent=1)))
-    return lock
+import stats
+from common import (claim_experiment, continue_with, experiment_run, gp, lab_config, markdown_table, plan_of,
+                    read_curve, write_results)
 
 
 def branch(trunk_out, out, epoch):
-    """A new run directory that continues the trunk's checkpoint (a copy of the trunk at its epoch)."""
+    """Make out a run that continues the trunk's checkpoint (a copy of the trunk at its epoch); its metrics
+    are written from the checkpoint when it resumes."""
     if len(read_curve(trunk_out)) != epoch:
         raise gp.UsageError(f"{trunk_out} has trained past epoch {epoch}: a split with {epoch} alternate "
                             f"epochs needs a new --out")
-    with gp.claim_run_dir(out):
-        for name in ("metrics.jsonl", "checkpoint.pt"):  # the checkpoint last: it makes the directory a run
-            gp.write_atomic(os.path.join(out, name), lambda tmp: shutil.copyfile(os.path.join(trunk_out, name), tmp))
-
-
-def read_curve(out):
-    path = os.path.join(out, "metrics.jsonl")
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    gp.write_atomic(os.path.join(out, "checkpoint.pt"), open(os.path.join(trunk_out, "checkpoint.pt"), "rb").read())
 
 
 def largest_rise(curve, key):
@@ -94,33 +51,34 @@ def largest_rise(curve, key):
     return top
 
 
-def sweep(cfg, splits, seeds, log=print):
-    """Train (or continue) every run of the sweep into cfg.out; write sweep.json and sweep.png."""
-    budgets, rows, per_seed = sorted({A + F for A, F in splits}), [], []
+def sweep(cfg, splits, seeds, command, timing=None, log=print):
+    """Train (or continue) every run of the sweep into cfg.out; write sweep.json, sweep.png and
+    sweep-scores.npz (the per-image scores every statistic is computed from)."""
+    budgets, seeds_data, arrays = sorted({A + F for A, F in splits}), [], {}
     key = "raw_test_bpd" if cfg.ema else "test_bpd"  # spikes are measured on the raw weights
     data = gp.prepare_data(cfg)  # the same images for every seed, loaded once
     whole = gp.prepare_data(replace(cfg, test_subset=None))[1] if cfg.test_subset else None
     for seed in seeds:
-        root = os.path.join(cfg.out, f"seed{seed}")
-        shared, _ = gp.start_run(replace(cfg, seed=seed, out=None), data)  # the start every run of the seed shares
-        init, scfg = copy.deepcopy(shared.model.state_dict()), shared.cfg  # its warmup is fixed now
+        root, scfg = os.path.join(cfg.out, f"seed{seed}"), replace(cfg, seed=seed)  # every run: the same start
 
         def run(name, **kw):
-            """Train the run (or continue it) to its end: (its curve, its evaluation there). With
-            --test-subset the curve's evaluations use the first N test images, and the end is evaluated
-            on the whole test split (kept in whole-test.json: a rerun neither trains nor evaluates it)."""
+            """Train the run (or continue it) to its end: (its curve, its evaluation there with every image's
+            score). With --test-subset the curve's evaluations use the first N test images, and the end is
+            evaluated on the whole test split (kept in whole-test.json: a rerun neither trains nor evaluates)."""
             c = replace(scfg, **kw, out=os.path.join(root, name))
             end, path = c.epochs + c.finetune, os.path.join(c.out, "whole-test.json")
             ends = json.load(open(path)) if os.path.exists(path) else {}
             curve = read_curve(c.out)
             if len(curve) < end or whole is not None and str(end) not in ends:
                 log(f"--- seed {seed}: {name}, to epoch {end}")
-                r = experiment_run(c, data, init, cfg.out, log)
+                r = experiment_run(c, data, command, log)
                 curve = r.history
                 if whole is not None:
-                    ends[str(end)] = gp.evaluate_run(r, whole)
-                    gp.write_atomic(path, lambda tmp: open(tmp, "w").write(json.dumps(ends, indent=1)))
-            return curve[:end], ends[str(end)] if whole is not None else curve[end - 1]
+                    test = gp.evaluate_run(r, whole)
+                    ends[str(end)] = {**test, "per_image": test["per_image"].tolist()}
+                    gp.write_atomic(path, json.dumps(ends).encode())
+            return curve[:end], ends[str(end)] if whole is not None else {**curve[end - 1], "per_image": scores(
+                c.out)[end - 1].tolist()}
 
         full = {N: run("full", mode="full", epochs=N, finetune=0) for N in budgets}  # in stages (resumes are exact)
         trunk, tuned = {}, {}
@@ -131,121 +89,171 @@ def sweep(cfg, splits, seeds, log=print):
                 if not os.path.exists(os.path.join(root, name, "checkpoint.pt")):
                     branch(os.path.join(root, "alternate"), os.path.join(root, name), A)
                 tuned[A, F] = run(name, mode="alternate", epochs=A, finetune=F)
+                arrays[f"seed{seed}/{A}+{F}"] = np.asarray(tuned[A, F][1]["per_image"], dtype=np.float32)
+                arrays[f"seed{seed}/{A}+{F}/subset"] = scores(os.path.join(root, name))[-1].numpy()
+        for N in budgets:
+            arrays[f"seed{seed}/full{N}"] = np.asarray(full[N][1]["per_image"], dtype=np.float32)
+        full_scores = scores(os.path.join(root, "full"))
+        for E in sorted({E for A, F in splits for E in stats.equal_time_window(A, F, timing)} if timing else ()):
+            if 1 <= E <= len(full_scores):  # a later E is full's last epoch (time_statistics)
+                arrays[f"seed{seed}/full/subset{E}"] = full_scores[E - 1].numpy()
         full_curve, trunk_curve = full[max(budgets)][0], trunk[max(trunk)][0]
-        trained = full_curve[-1]["seconds"] + trunk_curve[-1]["seconds"] + sum(  # each epoch once: the cost
-            c[-1]["seconds"] - c[A - 1]["seconds"] for (A, F), (c, _) in tuned.items() if F)
-        per_seed.append({"seed": seed, "seconds_trained": trained, "full_curve": full_curve,
-                         "alternate_curve": trunk_curve, "full_largest_rise": largest_rise(full_curve, key),
-                         "alternate_largest_rise": largest_rise(trunk_curve, key)})
-        for (A, F), (curve, point) in sorted(tuned.items()):
-            end, same_time = full[A + F][1], gp.at_time(full_curve, curve[-1]["seconds"])
-            rows.append({"seed": seed, "budget": A + F, "alternate_epochs": A, "finetune_epochs": F,
-                         "full_bpd": end["test_bpd"], "bpd": point["test_bpd"],
-                         "gap": point["test_bpd"] - end["test_bpd"],
-                         "gap_median_image": point["test_median_bpd"] - end["test_median_bpd"],
-                         "gap_raw_weights": point["raw_test_bpd"] - end["raw_test_bpd"] if cfg.ema else None,
-                         "alternate_bpd": trunk[A][1]["test_bpd"], "seconds": curve[-1]["seconds"],
-                         "time_ratio": curve[-1]["seconds"] / full_curve[A + F - 1]["seconds"],
-                         "gap_at_equal_time": curve[-1]["test_bpd"] - same_time["test_bpd"] if same_time else None,
-                         "dominated": any(m and m["test_dominated"] for m in (end, point, curve[-1], same_time)),
-                         "finetune_curve": curve[A:]})
-    summary = {"config": {**asdict(cfg), "seed": None}, "seeds": seeds, "splits": splits,
-               "runs": rows, "per_seed": per_seed, "by_split": aggregate(rows)}
-    gp.write_results(summary, cfg.out, "sweep", plot_sweep)
+        seeds_data.append({"seed": seed, "full_curve": full_curve, "alternate_curve": trunk_curve,
+                           "full_largest_rise": largest_rise(full_curve, key),
+                           "alternate_largest_rise": largest_rise(trunk_curve, key),
+                           "splits": {f"{A}+{F}": {"curve": curve, "end": {k: v for k, v in point.items() if k !=
+                                                                            "per_image"},
+                                                   "full_end": {k: v for k, v in full[A + F][1].items() if k !=
+                                                                "per_image"}}
+                                      for (A, F), (curve, point) in tuned.items()}})
+    summary = summarize(cfg, seeds, splits, seeds_data, arrays, timing)
+    write_results(summary, cfg.out, "sweep", plot_sweep)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    gp.write_atomic(os.path.join(cfg.out, "sweep-scores.npz"), buffer.getvalue())
     log(sweep_table(summary))
     return summary
 
 
-def spread(values):
-    """{mean, sd (0 for one value), min, max} of the values that are not None; None if there are none."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
+def scores(out):
+    """The per-image test scores of every epoch of the run in out, as its checkpoint keeps them."""
+    return gp.torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", mmap=True, weights_only=True)["scores"]
 
 
-def aggregate(rows):
-    """Per split A + F, each measure over the seeds whose means no few test images make."""
-    out = []
-    for A, F in sorted({(r["alternate_epochs"], r["finetune_epochs"]) for r in rows}, key=lambda s: (sum(s), s)):
-        mine = [r for r in rows if (r["alternate_epochs"], r["finetune_epochs"]) == (A, F)]
-        fair = [r for r in mine if not r["dominated"]]
-        out.append({"budget": A + F, "alternate_epochs": A, "finetune_epochs": F, "seeds": len(mine),
-                    "dominated_seeds": [r["seed"] for r in mine if r["dominated"]],
-                    **{k: spread([r[k] for r in fair]) for k in ("full_bpd", "bpd", "gap", "gap_median_image",
-                                                                "gap_raw_weights", "time_ratio", "gap_at_equal_time")},
-                    "gap_signs": sorted({(r["gap"] > 0) - (r["gap"] < 0) for r in fair})})
+def summarize(cfg, seeds, splits, seeds_data, arrays, timing):
+    """Every statistic of the sweep, from the per-image scores in arrays (sweep-scores.npz reloads them)
+    and the curves: per split, the paired gaps with their intervals, the margin and the verdict, the time
+    ratio on the quiet cost axis and the paired gap at equal time."""
+    by_split = []
+    for A, F in splits:
+        N, ends = A + F, [arrays[f"seed{s}/{A}+{F}"] for s in seeds]
+        fulls = [arrays[f"seed{s}/full{N}"] for s in seeds]
+        diffs = [a.astype(np.float64) - f for a, f in zip(ends, fulls)]
+        trimmed = [float(stats.trimmed_mean(d)) for d in diffs]
+        margin = float(np.std([stats.trimmed_mean(f.astype(np.float64)) for f in fulls], ddof=1)) \
+            if len(seeds) > 1 else None
+        robust_ci = stats.nested_bootstrap([len(d) for d in diffs], lambda s, i, _: stats.trimmed_mean(diffs[s][i]))
+        row = {"budget": N, "alternate_epochs": A, "finetune_epochs": F, "seeds": seeds,
+               "gap_robust": float(np.mean(trimmed)), "gap_robust_ci": robust_ci, "gap_robust_per_seed": trimmed,
+               "gap_robust_t_test": stats.paired_t(trimmed), "margin": margin,
+               "verdict": stats.verdict(robust_ci, margin) if margin is not None else None,
+               "gap_mean": float(np.mean([d.mean() for d in diffs])), "gap_mean_per_seed": [float(d.mean()) for d in diffs],
+               "gap_mean_ci": stats.nested_bootstrap([len(d) for d in diffs], lambda s, i, _: diffs[s][i].mean()),
+               "gap_median_image": float(np.mean([np.median(a) - np.median(f) for a, f in zip(ends, fulls)])),
+               "full_bpd": [float(f.mean()) for f in fulls], "bpd": [float(a.mean()) for a in ends],
+               "outlier_share": {"alternate": [stats.outlier_share(a, cfg.n_bits) for a in ends],
+                                 "full": [stats.outlier_share(f, cfg.n_bits) for f in fulls]},
+               "gap_raw_weights": [d["splits"][f"{A}+{F}"]["end"]["raw_test_bpd"] - d["splits"][f"{A}+{F}"]["full_end"][
+                   "raw_test_bpd"] for d in seeds_data] if cfg.ema else None}
+        if timing:
+            row.update(time_statistics(A, F, seeds, arrays, timing, max(a + f for a, f in splits)))
+        by_split.append(row)
+    return {"config": {**asdict(cfg), "seed": None}, "seeds": seeds, "splits": splits, "trim": stats.TRIM,
+            "margin_rule": stats.MARGIN_RULE, "timing": timing and {"date": timing["date"], "machine": timing["machine"],
+                                                                    "threads": timing["threads"],
+                                                                    "summary": timing["summary"]},
+            "per_seed": seeds_data, "by_split": by_split}
+
+
+def time_statistics(A, F, seeds, arrays, timing, last):
+    """The time ratio on the quiet cost axis (training only, and with each epoch's evaluation), each with a
+    95 % interval over the timing repeats; and the paired robust gap at equal time (the first test images
+    the curves use), whose interval resamples the timing too."""
+    rng, N = np.random.default_rng(0), A + F
+    out = {}
+    for name, evaluation in (("time_ratio", False), ("time_ratio_with_evaluation", True)):
+        draws = [stats.time_ratio(A, F, N, stats.resample_costs(timing, evaluation, rng)) for _ in range(stats.N_BOOT)]
+        out[name] = stats.time_ratio(A, F, N, stats.quiet_costs(timing, evaluation))
+        out[name + "_ci"] = [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+    E = min(stats.equal_time_epoch(A, F, stats.quiet_costs(timing)), last)
+    ends = [arrays[f"seed{s}/{A}+{F}/subset"].astype(np.float64) for s in seeds]
+    if min(stats.equal_time_window(A, F, timing)) < 1:  # full training had not finished an epoch by then
+        return out
+
+    def gap(s, images, costs):  # full training stops at the largest budget: its last evaluation then
+        e = min(stats.equal_time_epoch(A, F, costs) if costs else E, last)
+        return stats.trimmed_mean(ends[s][images] - arrays[f"seed{seeds[s]}/full/subset{e}"][images])
+    out["equal_time_epoch"] = E
+    out["gap_equal_time_robust"] = float(np.mean([gap(s, np.arange(len(ends[s])), None) for s in range(len(seeds))]))
+    out["gap_equal_time_robust_ci"] = stats.nested_bootstrap(
+        [len(e) for e in ends], gap, extra=lambda r: stats.resample_costs(timing, False, r))
     return out
 
 
 def sweep_table(summary):
-    """The sweep as Markdown tables: per split, each measure's mean ± sd [min, max] over the seeds; per seed,
-    the largest rise of each curve (with --ema, the raw weights') and the seconds of training it took."""
-    def cell(s, signed=False):
-        fmt = "{:+.3f}" if signed else "{:.3f}"
-        return "-" if s is None else f"{fmt.format(s['mean'])} ± {s['sd']:.3f} [{fmt.format(s['min'])}, {fmt.format(s['max'])}]"
-    header = ["budget N", "alternate + finetune", "seeds", "full, N epochs", "alternate + finetune bpd", "gap",
-              "gap, median image", "gap, raw weights", "time / full", "gap at equal time", "gap's sign"]
+    """The sweep as Markdown tables: per split, the verdict and every gap with its interval (mean over seeds
+    [95 % interval]); per seed, the largest rise of each curve (with --ema, the raw weights')."""
+    def ci(value, interval, fmt="{:+.3f}"):
+        return "-" if value is None else f"{fmt.format(value)} [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
     rows = [[str(b["budget"]), f"{b['alternate_epochs']} + {b['finetune_epochs']}",
-             f"{b['seeds'] - len(b['dominated_seeds'])}" + (f" (+{len(b['dominated_seeds'])} where a few images make "
-                                                             f"the mean)" if b["dominated_seeds"] else ""),
-             cell(b["full_bpd"]), cell(b["bpd"]), cell(b["gap"], True), cell(b["gap_median_image"], True),
-             cell(b["gap_raw_weights"], True),
-             cell(b["time_ratio"]), cell(b["gap_at_equal_time"], True),
-             "flips between seeds" if len(b["gap_signs"]) > 1 else {1: "+", -1: "-", 0: "0"}.get(
-                 (b["gap_signs"] or [0])[0])] for b in summary["by_split"]]
+             ci(b["gap_robust"], b["gap_robust_ci"]), "-" if b["margin"] is None else f"{b['margin']:.3f}",
+             b["verdict"] or "-", ci(b["gap_mean"], b["gap_mean_ci"]), f"{b['gap_median_image']:+.3f}",
+             ci(b.get("time_ratio"), b.get("time_ratio_ci"), "{:.3f}"),
+             ci(b.get("time_ratio_with_evaluation"), b.get("time_ratio_with_evaluation_ci"), "{:.3f}"),
+             ci(b.get("gap_equal_time_robust"), b.get("gap_equal_time_robust_ci")),
+             f"{max(b['outlier_share']['alternate']):.3f} / {max(b['outlier_share']['full']):.3f}"]
+            for b in summary["by_split"]]
     rise = lambda r: "none" if r[0] is None else f"+{r[1]:.3f} (epoch {r[0]})"  # noqa: E731
-    seeds = [[str(s["seed"]), rise(s["full_largest_rise"]), rise(s["alternate_largest_rise"]),
-              f"{s['seconds_trained']:.0f}"] for s in summary["per_seed"]]
-    return gp.markdown_table(header, rows) + "\n\n" + gp.markdown_table(
-        ["seed", "full: largest rise above its best so far", "alternate: largest rise", "seconds trained"], seeds)
+    seeds = [[str(s["seed"]), rise(s["full_largest_rise"]), rise(s["alternate_largest_rise"])]
+             for s in summary["per_seed"]]
+    return markdown_table(["budget N", "alternate + finetune", "robust gap", "margin", "verdict", "mean gap",
+                           "median-image gap", "time / full", "time / full, with evaluation", "robust gap at equal "
+                           "time", "largest outlier share: alternate / full"], rows) + "\n\n" + markdown_table(
+        ["seed", "full: largest rise above its best so far", "alternate: largest rise"], seeds)
 
 
-def plot_sweep(summary, path):
-    """The gap against the budget (a thin line per seed, the mean thick), the splits of the largest
-    budget, and each seed's full and alternate curves (where the spikes show)."""
+def plot_sweep(summary, file):
+    """The robust gap against the budget (per seed thin, the mean with its interval thick), the splits of
+    the largest budget, and each seed's full and alternate curves (where the spikes show)."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(16, 4.5))
     gaps, splits, curves = fig.subplots(1, 3)
-    rows, by = summary["runs"], summary["by_split"]
+    by = summary["by_split"]
     main = [b for b in by if 3 * b["alternate_epochs"] == 2 * b["budget"]]  # the 2N/3 + N/3 splits
-    for seed in summary["seeds"]:
-        mine = [r for r in rows if r["seed"] == seed and 3 * r["alternate_epochs"] == 2 * r["budget"]]
-        gaps.plot([r["budget"] for r in mine], [r["gap"] for r in mine], color="grey", linewidth=0.8, marker=".")
-    gaps.plot([b["budget"] for b in main], [b["gap"]["mean"] if b["gap"] else None for b in main], "k-o",
-              linewidth=2, label="mean over seeds")
+    for i, seed in enumerate(summary["seeds"]):
+        gaps.plot([b["budget"] for b in main], [b["gap_robust_per_seed"][i] for b in main], color="grey",
+                  linewidth=0.8, marker=".")
+    gaps.errorbar([b["budget"] for b in main], [b["gap_robust"] for b in main], fmt="k-o", linewidth=2,
+                  yerr=[[b["gap_robust"] - b["gap_robust_ci"][0] for b in main],
+                        [b["gap_robust_ci"][1] - b["gap_robust"] for b in main]], label="mean, 95 % interval")
     gaps.axhline(0, color="grey", linewidth=0.6)
-    gaps.set(xlabel="budget N (epochs)", ylabel="test bpd: alternate 2N/3 + finetune N/3 - full N",
-             title="the gap, per seed and mean")
+    gaps.set(xlabel="budget N (epochs)", ylabel="robust paired gap (bits/dim)",
+             title="alternate 2N/3 + finetune N/3 - full N")
     gaps.legend()
     top = max(b["budget"] for b in by)
-    last = [b for b in by if b["budget"] == top]
-    for seed in summary["seeds"]:
-        mine = sorted((r for r in rows if r["seed"] == seed and r["budget"] == top), key=lambda r: r["alternate_epochs"])
-        splits.plot([r["alternate_epochs"] for r in mine], [r["bpd"] for r in mine], color="grey", linewidth=0.8,
+    last = sorted((b for b in by if b["budget"] == top), key=lambda b: b["alternate_epochs"])
+    for i, seed in enumerate(summary["seeds"]):
+        splits.plot([b["alternate_epochs"] for b in last], [b["bpd"][i] for b in last], color="grey", linewidth=0.8,
                     marker=".")
-    splits.plot([b["alternate_epochs"] for b in last], [b["bpd"]["mean"] if b["bpd"] else None for b in last], "k-o",
-                linewidth=2)
-    splits.set(xlabel=f"alternate epochs of {top} (the rest finetunes)", ylabel="test bpd", title=f"splits of {top} epochs")
+    splits.plot([b["alternate_epochs"] for b in last], [np.mean(b["bpd"]) for b in last], "k-o", linewidth=2)
+    splits.axhline(np.mean(last[0]["full_bpd"]), color="C3", linestyle="--", label=f"full, {top} epochs")
+    splits.set(xlabel=f"alternate epochs of {top} (the rest finetunes)", ylabel="test bits/dim",
+               title=f"splits of {top} epochs")
+    splits.legend()
     for i, s in enumerate(summary["per_seed"]):
         for name, style in (("full", "-"), ("alternate", ":")):
             c = s[f"{name}_curve"]
             curves.plot([m["epoch"] for m in c], [m["test_bpd"] for m in c], style, color=f"C{i}", linewidth=1,
                         label=f"seed {s['seed']}, {name}")
-    curves.set(xlabel="epoch", ylabel="test bpd", title="full and alternate, per seed")
+    curves.set(xlabel="epoch", ylabel="test bits/dim", title="full and alternate, per seed")
     curves.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
+    fig.savefig(file, dpi=110, format="png")
 
 
 def parse_splits(text):
-    """75+15,45+45: alternate epochs + finetuning epochs."""
-    return [tuple(int(v) for v in s.split("+", 1)) for s in text.split(",")]
+    """75+15,45+45: alternate epochs (at least 1) + finetuning epochs."""
+    splits = [tuple(int(v) for v in s.split("+")) for s in text.split(",")]
+    if any(len(s) != 2 or s[0] < 1 or s[1] < 0 for s in splits):
+        raise argparse.ArgumentTypeError(f"want splits A+F (A >= 1 alternate epochs, F >= 0), got {text!r}")
+    return splits
 
 
 def parse_seeds(text):
-    return [int(v) for v in text.split(",")]
+    seeds = [int(v) for v in text.split(",")]
+    if any(not 0 <= s < 2 ** 32 for s in seeds):
+        raise argparse.ArgumentTypeError(f"seeds are in [0, 2^32), got {text!r}")
+    return seeds
 
 
 def parse_budgets(text):
@@ -257,32 +265,33 @@ def parse_budgets(text):
 
 
 def run_sweep(argv, where):
-    p = gp.make_parser("The budget sweep over seeds: full N epochs against alternate A + finetune F.")
+    p = gp.make_parser("The budget sweep over seeds: full N epochs against alternate A + finetune F.",
+                       without=("mode", "epochs", "finetune", "seed"))
     p.add_argument("--budgets", type=parse_budgets, default=[], help="budgets N (multiples of 3): 2N/3 + N/3 each")
     p.add_argument("--splits", type=parse_splits, default=[], help="more splits A+F, e.g. 75+15,45+45")
     p.add_argument("--seeds", type=parse_seeds, default=[0], help="seeds, each with its own weights, data order and "
                                                                  "noise (default: 0)")
+    p.add_argument("--timing", help="quiet epoch costs (experiments/timing.py's JSON): the time ratios and the gap "
+                                    "at equal time are computed on them")
     args = p.parse_args(argv)
-    fixed = [name for name in ("mode", "epochs", "finetune", "seed") if hasattr(args, name)]
-    if fixed or gp.torchrun_env()[2] > 1:
-        raise gp.UsageError(f"{gp.flags(fixed)}: the sweep sets each run's mode and epochs, and --seeds its seeds"
-                            if fixed else "the sweep times its runs in one process: run it without torchrun")
-    splits, seeds, default_out = sorted(set(args.budgets + args.splits)), sorted(set(args.seeds)), not hasattr(args, "out")
-    if not splits or any(A < 1 or F < 0 for A, F in splits):
-        raise gp.UsageError("give --budgets and/or --splits, each with at least one alternate epoch")
-    for name in ("budgets", "splits", "seeds"):
-        delattr(args, name)
-    cfg, _ = gp.config_from_args(args)  # every flag checked as glow_parts.py checks it
-    try:
-        for seed in seeds:
-            replace(cfg, seed=seed)  # each seed checked like --seed
-    except ValueError as e:
-        raise gp.UsageError(str(e).replace("--seed", "--seeds")) from None
-    cfg = replace(cfg, epochs=1, finetune=0, out=os.path.join("runs", f"{cfg.dataset}-sweep") if default_out else cfg.out)
+    if gp.torchrun_env()[2] > 1:
+        raise gp.UsageError("the sweep times its runs in one process: run it without torchrun")
+    splits, seeds, timing = sorted(set(args.budgets + args.splits)), sorted(set(args.seeds)), args.timing
+    del args.timing
+    if timing and not os.path.isfile(timing):
+        raise gp.UsageError(f"--timing {timing}: no such file (experiments/timing.py writes it)")
+    if not splits:
+        raise gp.UsageError("give --budgets and/or --splits")
+    cfg = replace(lab_config(args, "sweep"), epochs=1, finetune=0)
     where["out"] = cfg.out
-    plan = json.loads(json.dumps({"config": asdict(replace(cfg, seed=0))}))  # seeds, budgets and splits may grow
-    with claim_sweep(cfg.out, plan):  # the same command continues a stopped sweep
-        return sweep(cfg, splits, seeds)
+    budgets = sorted({A + F for A, F in splits})
+    if cfg.decay and budgets != [cfg.decay]:
+        raise gp.UsageError(f"--decay {cfg.decay} ends every rate at epoch {cfg.decay}: give that one budget, "
+                            f"not {','.join(map(str, budgets))}")
+    dirs = [os.path.join(cfg.out, f"seed{s}", name) for s in seeds for name in
+            ["full", "alternate", *(f"alternate{A}+finetune{F}" for A, F in splits)]]
+    with claim_experiment(cfg.out, plan_of(replace(cfg, seed=0)), dirs):  # seeds, budgets and splits may grow
+        return sweep(cfg, splits, seeds, continue_with("sweep.py", argv), timing and json.load(open(timing)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Tests of the experiments: the sweep over seeds, the benchmark, the pipeline of parts.
+"""Tests of the experiments: the comparison, the sweep over seeds, the benchmark, the pipeline of parts,
+the spike recorder, quiet timing, and the statistics.
 
 Run from the repository root: python -m pytest -q test_glow_parts.py experiments/
 """
@@ -14,13 +15,16 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import benchmark  # noqa: E402
-import glow_parts as gp  # noqa: E402
+import common  # noqa: E402
+import compare  # noqa: E402
 import pipeline  # noqa: E402
 import spike  # noqa: E402
+import stats  # noqa: E402
 import sweep  # noqa: E402
+import timing  # noqa: E402
+from common import gp  # noqa: E402
 
 TINY = ["--dataset", "digits", "--levels", "2", "--steps", "2", "--hidden", "16", "--subset", "512",
         "--batch-size", "32", "--warmup", "10", "--lr", "2e-3"]
@@ -30,41 +34,139 @@ def without_seconds(curve):
     return [{k: v for k, v in m.items() if k != "seconds"} for m in curve]
 
 
+def one_error_line(capsys, prog):
+    err = capsys.readouterr().err
+    assert err.startswith(f"{prog}: error:") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def tiny_model(parts):
+    torch.manual_seed(0)
+    model = gp.Glow(in_channels=1, image_size=8, n_levels=3, n_steps=2, hidden=8, parts=parts)
+    x = torch.rand(8, 1, 8, 8) - 0.5
+    model.initialize(x)
+    return model, x
+
+
+# --- the comparison
+
+
+def weights_hash(model):
+    """A short hash of every parameter and buffer: equal hashes mean identical weights."""
+    import hashlib
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode() + value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_compare_starts_every_run_from_the_same_weights_and_reports_every_field(tmp_path, monkeypatch):
+    starts, real = [], gp.train
+    monkeypatch.setattr(gp, "train", lambda run, *a, **k: starts.append(weights_hash(run.model)) or real(run, *a, **k))
+    out = tmp_path / "cmp"
+    assert gp.command("compare.py", compare.run_compare, TINY + ["--modes", "full,alternate,sequential", "--epochs",
+                                                                 "2", "--finetune", "1", "--out", str(out)]) == 0
+    assert len(starts) == 3 and len(set(starts)) == 1  # identical initial weights, hashed as each run starts
+    summary = json.loads((out / "compare.json").read_text())
+    assert (out / "compare.png").stat().st_size > 10_000
+    runs = {r["mode"]: r for r in summary["runs"]}
+    assert set(runs) == {"full", "alternate", "sequential"}
+    for r in runs.values():
+        assert len(r["curve"]) == 3 and r["step_seconds"] > 0
+        assert r["curve"] == sweep.read_curve(out / r["mode"])  # each run is an ordinary run directory
+    assert [m["phase"] for m in runs["alternate"]["curve"]] == ["alternate", "alternate", "finetune"]
+    assert [m["phase"] for m in runs["full"]["curve"]] == ["full"] * 3
+    assert runs["alternate"]["activation_bytes"] < runs["full"]["activation_bytes"]
+    assert runs["alternate"]["boundary_backward_bytes"] == 0 == runs["sequential"]["boundary_backward_bytes"]
+    # full: the gradient of the one boundary activation, (32, 2, 4, 4) float32 after level 1
+    assert runs["full"]["boundary_backward_bytes"] == 32 * 2 * 4 * 4 * 4
+
+
+def test_the_targets_and_equal_time_lookups_give_the_known_answers_of_given_curves():
+    curve = [{"test_bpd": b, "seconds": s, "test_outlier_share": f} for b, s, f in
+             ((5.0, 1.0, 0.0), (4.0, 2.0, 0.0), (900.0, 3.0, 800.0), (3.9, 4.0, 0.0))]
+    assert compare.smoothed_final(curve, None)[0] is None  # a few images make the third evaluation: no target
+    assert compare.smoothed_final(curve[:2], None)[0] == 4.5 and compare.smoothed_final(curve, 0.9)[0] == 3.9
+    assert compare.time_to(curve, 4.5) == 2.0 and compare.time_to(curve, 3.95) == 4.0
+    assert compare.time_to(curve, 3.0) is None and compare.time_to(curve, None) is None
+    assert compare.at_time(curve, 3.5)["seconds"] == 3.0 and compare.at_time(curve, 0.5) is None
+    assert compare.at_time(curve, 4.0)["test_bpd"] == 3.9  # at the same time: its last evaluation by then
+
+
+def test_a_comparison_holds_every_run_it_writes_and_the_same_command_continues_it_after_kill_9(tmp_path, capsys):
+    args = TINY + ["--modes", "full,alternate", "--epochs", "3", "--finetune", "1"]
+    assert gp.command("compare.py", compare.run_compare, args + ["--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "experiments/compare.py", *args, "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (out / "full" / "metrics.jsonl").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    assert gp.main(TINY + ["--epochs", "1", "--out", str(out / "alternate")]) == 2  # its lock covers its runs
+    assert "in use by another run" in one_error_line(capsys, "glow_parts.py")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert gp.main(TINY + ["--epochs", "9", "--resume", "--out", str(out / "full")]) == 2  # not alone: through it
+    assert "continued by its experiment's command: python experiments/compare.py" in one_error_line(capsys,
+                                                                                                   "glow_parts.py")
+    assert gp.command("compare.py", compare.run_compare, args + ["--out", str(out)]) == 0
+    straight, resumed = (json.loads((d / "compare.json").read_text())["runs"] for d in (tmp_path / "straight", out))
+    assert [without_seconds(r["curve"]) for r in resumed] == [without_seconds(r["curve"]) for r in straight]
+    assert gp.command("compare.py", compare.run_compare, args + ["--hidden", "8", "--out", str(out)]) == 2
+    assert "whose hidden differ" in one_error_line(capsys, "compare.py")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--modes", "alternate,sequential"], "list full"), (["--modes", "full,alternate,full"], "each once"),
+    (["--epochs", "0", "--finetune", "1"], "--epochs >= 1"), (["--mode", "full"], "--mode")])
+def test_the_comparison_refuses_what_it_cannot_do_with_one_line(args, match, tmp_path, capsys):
+    assert gp.command("compare.py", compare.run_compare, TINY + args + ["--out", str(tmp_path / "c")]) == 2
+    assert match in one_error_line(capsys, "compare.py")
+
+
+def test_measure_step_counts_boundary_bytes_at_a_mid_level_cut():
+    model, x = tiny_model([3, 1, 2])
+    act, crossing, _ = common.measure_step(model, x, "full", [0, 1, 2])
+    # boundaries: after part 0 (mid level 1: 8 channels at 2x2), after part 1 (split: 4 channels at 2x2)
+    assert crossing == 8 * (8 * 2 * 2 + 4 * 2 * 2) * 4
+    assert all(common.measure_step(model, x, "alternate", [k])[1] == 0 for k in range(3))
+    assert all(common.measure_step(model, x, "alternate", [k])[0] < act for k in range(3))
+    assert common.measure_step(model, x, "parallel", [0, 1, 2])[1] == 0
+
+
+# --- the sweep over seeds
+
+
 @pytest.mark.parametrize("ema", [[], ["--ema", "0.9"], ["--ema", "0.9", "--test-subset", "100"]],
                          ids=["raw", "ema", "test-subset"])
 def test_sweep_branches_equal_separate_runs_for_every_seed(ema, tmp_path):
+    import numpy as np
     flags, whole = TINY + ema, gp.prepare_data(gp.Config(dataset="digits"))[1]
     assert gp.command("sweep.py", sweep.run_sweep, flags + ["--budgets", "3,6", "--splits", "3+3", "--seeds", "0,1",
                                                            "--out", str(tmp_path / "sweep")]) == 0
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    arrays = dict(np.load(tmp_path / "sweep" / "sweep-scores.npz"))
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 10_000
-    assert sorted((r["seed"], r["alternate_epochs"], r["finetune_epochs"]) for r in summary["runs"]) == \
-        [(s, A, F) for s in (0, 1) for A, F in ((2, 1), (3, 3), (4, 2))]
-    for seed in (0, 1):  # each branch is the separate run alternate A + finetune F; full's prefix is full N
+    assert [(b["alternate_epochs"], b["finetune_epochs"]) for b in summary["by_split"]] == [(2, 1), (3, 3), (4, 2)]
+    for i, seed in enumerate((0, 1)):  # each branch is the separate run alternate A + finetune F; full's prefix is full N
         seed_flags = flags + ["--seed", str(seed)]
         assert gp.main(seed_flags + ["--mode", "alternate", "--epochs", "3", "--finetune", "3",
                                      "--out", str(tmp_path / f"alone{seed}")]) == 0
         assert gp.main(seed_flags + ["--mode", "full", "--epochs", "6", "--out", str(tmp_path / f"full{seed}")]) == 0
-        r = next(r for r in summary["runs"] if r["seed"] == seed and r["alternate_epochs"] == 3)
-        alone, full = sweep.read_curve(tmp_path / f"alone{seed}"), sweep.read_curve(tmp_path / f"full{seed}")
-        if "--test-subset" not in flags:  # the median image's gap, which a few images cannot move
-            assert r["gap_median_image"] == alone[-1]["test_median_bpd"] - full[-1]["test_median_bpd"]
-        ends = [alone[-1]["test_bpd"], full[-1]["test_bpd"]]
+        split = summary["per_seed"][i]["splits"]["3+3"]
+        alone = sweep.read_curve(tmp_path / f"alone{seed}")
+        assert without_seconds(split["curve"][3:]) == without_seconds(alone[3:])
+        for name, key, end in ((f"alone{seed}", f"seed{seed}/3+3", split["end"]),
+                               (f"full{seed}", f"seed{seed}/full6", split["full_end"])):
+            test = gp.evaluate(common.load_model(tmp_path / name), whole, 32, torch.device("cpu"))
+            assert end["test_bpd"] == test["test_bpd"] and np.array_equal(arrays[key], test["per_image"].numpy())
         if "--test-subset" in flags:  # the curves evaluate the first 100 test images, the ends all 297
-            for i, (curve, name) in enumerate(((alone, f"alone{seed}"), (full, f"full{seed}"))):
-                model = gp.load_model(tmp_path / name)
-                assert curve[-1]["test_bpd"] == gp.evaluate(model, whole[:100], 32, torch.device("cpu"))["test_bpd"]
-                ends[i] = gp.evaluate(model, whole, 32, torch.device("cpu"))["test_bpd"]
-        assert [r["bpd"], r["full_bpd"]] == ends
-        assert without_seconds(r["finetune_curve"]) == without_seconds(alone[3:])
-        assert r["gap"] == r["bpd"] - r["full_bpd"]
-        assert (r["gap_raw_weights"] is None) == (not ema)
-    runs = summary["runs"]
+            model = common.load_model(tmp_path / f"alone{seed}")
+            assert alone[-1]["test_bpd"] == gp.evaluate(model, whole[:100], 32, torch.device("cpu"))["test_bpd"]
+            assert arrays[f"seed{seed}/3+3/subset"].shape == (100,)
     six = next(b for b in summary["by_split"] if (b["alternate_epochs"], b["finetune_epochs"]) == (4, 2))
-    gaps = [r["gap"] for r in runs if r["alternate_epochs"] == 4]
-    assert six["gap"]["mean"] == pytest.approx(sum(gaps) / 2) and six["gap"]["n"] == 2
-    assert six["gap"]["min"] == min(gaps) and six["gap"]["max"] == max(gaps)
-    assert "flips" in sweep.sweep_table(summary) or len({g > 0 for g in gaps}) == 1
+    gaps = [float((arrays[f"seed{s}/4+2"].astype(np.float64) - arrays[f"seed{s}/full6"]).mean()) for s in (0, 1)]
+    assert six["gap_mean_per_seed"] == pytest.approx(gaps) and six["gap_mean"] == pytest.approx(sum(gaps) / 2)
+    assert (six["gap_raw_weights"] is None) == (not ema)
 
 
 def test_a_sweep_killed_at_any_point_continues_with_the_same_command_and_loses_nothing(tmp_path):
@@ -78,26 +180,42 @@ def test_a_sweep_killed_at_any_point_continues_with_the_same_command_and_loses_n
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
-    assert gp.command("sweep.py", sweep.run_sweep, args + ["--out", str(out)]) == 0
-    straight, resumed = (json.loads((d / "sweep.json").read_text())["runs"] for d in (tmp_path / "straight", out))
-    assert [without_seconds(r["finetune_curve"]) for r in resumed] == \
-        [without_seconds(r["finetune_curve"]) for r in straight]
-    assert [r["full_bpd"] for r in resumed] == [r["full_bpd"] for r in straight]
+    for leftover in ("plan.json.tmp", "seed1/alternate4+finetune2/checkpoint.pt.tmp"):  # killed amid a copy or a plan
+        (out / leftover).parent.mkdir(parents=True, exist_ok=True)
+        (out / leftover).write_text("half")
+    os.chdir(tmp_path)  # the same sweep, its --out now relative: the same sweep
+    assert gp.command("sweep.py", sweep.run_sweep, args + ["--out", "killed"]) == 0
+    straight, resumed = (json.loads((d / "sweep.json").read_text()) for d in (tmp_path / "straight", out))
+    for a, b in zip(straight["per_seed"], resumed["per_seed"]):
+        assert without_seconds(a["full_curve"]) == without_seconds(b["full_curve"])
+        assert {k: without_seconds(v["curve"]) for k, v in a["splits"].items()} == \
+            {k: without_seconds(v["curve"]) for k, v in b["splits"].items()}
+    assert [b["gap_robust"] for b in straight["by_split"]] == [b["gap_robust"] for b in resumed["by_split"]]
 
 
-def test_a_sweep_refuses_another_plan_a_plain_run_inside_it_and_bad_budgets(tmp_path, capsys):
+def test_a_sweep_refuses_another_plan_a_plain_run_inside_it_and_bad_splits(tmp_path, capsys):
     out = str(tmp_path / "sweep")
     assert gp.command("sweep.py", sweep.run_sweep, TINY + ["--budgets", "3", "--out", out]) == 0
     capsys.readouterr()
     for argv, match in ((TINY + ["--budgets", "3", "--hidden", "8", "--out", out], "whose hidden differ"),
                         (TINY + ["--budgets", "4", "--out", out], "multiples of 3"),
+                        (TINY + ["--splits", "2", "--out", out], "want splits A+F"),
+                        (TINY + ["--splits", "0+3", "--out", out], "want splits A+F"),
                         (TINY + ["--out", out], "give --budgets"),
-                        (TINY + ["--budgets", "3", "--seeds", "-1", "--out", out], "--seed")):
+                        (TINY + ["--budgets", "3", "--seeds", "-1", "--out", out], "--seeds"),
+                        (TINY + ["--budgets", "3,6", "--decay", "6", "--out", out], "give that one budget"),
+                        (TINY + ["--budgets", "3", "--epochs", "3", "--out", out], "--epochs")):
         assert gp.command("sweep.py", sweep.run_sweep, argv) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("sweep.py: error:") and match in err and err.count("\n") == 1, err
-    assert gp.main(TINY + ["--epochs", "1", "--resume", "--out", f"{out}/seed0/full"]) == 2
-    assert "belongs to the comparison or sweep" in capsys.readouterr().err
+        one_error_line(capsys, "sweep.py")
+    assert gp.main(TINY + ["--epochs", "5", "--resume", "--out", f"{out}/seed0/full"]) == 2
+    assert "continued by its experiment's command" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "mine.txt").write_text("x")
+    assert gp.command("sweep.py", sweep.run_sweep, TINY + ["--budgets", "3", "--out", str(tmp_path / "other")]) == 2
+    assert "which no experiment wrote" in one_error_line(capsys, "sweep.py")
+
+
+# --- the benchmark and its cost model
 
 
 def test_benchmark_reports_every_mechanism_with_the_cost_model_without_data(capsys):
@@ -105,8 +223,8 @@ def test_benchmark_reports_every_mechanism_with_the_cost_model_without_data(caps
     assert gp.command("benchmark.py", benchmark.run_benchmark, shape + ["--modes", "full,alternate,parallel",
                                                                         "--repeats", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert gp.command("benchmark.py", benchmark.run_benchmark, TINY) == 2  # training flags shape no step: refused
     assert [line.split("|")[1].strip() for line in rows[1:]] == ["full", "alternate", "parallel"]
+    assert gp.command("benchmark.py", benchmark.run_benchmark, TINY) == 2  # training flags shape no step: unknown
     result = {r["mode"]: r for r in benchmark.benchmark(gp.Config(**{
         "dataset": "digits", "levels": 2, "steps": 2, "hidden": 16, "batch_size": 32}),
         ["full", "alternate"], repeats=1, log=lambda *a: None)}
@@ -115,18 +233,32 @@ def test_benchmark_reports_every_mechanism_with_the_cost_model_without_data(caps
     assert result["alternate"]["boundary_backward_bytes"] == 0 < result["full"]["boundary_backward_bytes"]
     # the cost model: part k's step costs (earlier parts' share + 3 x its own) / 3 of a full step
     cfg = gp.Config(dataset="digits", levels=2, steps=2, hidden=16)
-    macs = gp.step_macs(1, 8, 2, 2, 16)
+    macs = benchmark.step_macs(1, 8, 2, 2, 16)
     f0 = sum(macs[:2]) / sum(macs)
     assert benchmark.predicted_step(cfg, [0]) == pytest.approx(f0)
     assert benchmark.predicted_step(cfg, [1]) == pytest.approx((f0 + 3 * (1 - f0)) / 3)
     assert benchmark.predicted_step(cfg, [0, 1]) == pytest.approx(1.0)
 
 
+def test_balanced_parts_are_the_exact_cheapest_cut_and_the_benchmark_prints_it(capsys):
+    macs = benchmark.step_macs(3, 32, 3, 32, 512)
+    for P in (1, 2, 3, 4, 7):
+        parts = benchmark.balanced_parts(P, macs)
+        assert len(parts) == P and all(p > 0 for p in parts) and sum(parts) == 96
+    cost = lambda parts: max(sum(macs[sum(parts[:k]):sum(parts[:k + 1])]) for k in range(len(parts)))  # noqa: E731
+    assert cost(benchmark.balanced_parts(3, macs)) < 0.6 * cost([32, 32, 32])
+    # exact: no other cut into 3 parts has a cheaper largest part (brute force over all cuts)
+    best = min(cost([a, b, 96 - a - b]) for a in range(1, 95) for b in range(1, 96 - a))
+    assert cost(benchmark.balanced_parts(3, macs)) == best
+    assert benchmark.balanced_parts(4, macs) == [11, 11, 15, 59]
+    shape = ["--dataset", "digits", "--levels", "2", "--steps", "2", "--hidden", "16", "--batch-size", "32"]
+    assert gp.command("benchmark.py", benchmark.run_benchmark, shape + ["--balanced", "3", "--repeats", "1"]) == 0
+    assert "--balanced 3: --parts 1,1,2" in capsys.readouterr().out
+    assert gp.command("benchmark.py", benchmark.run_benchmark, shape + ["--balanced", "5"]) == 2
+
+
 def test_recompute_gives_the_plain_gradients_and_saves_far_fewer_activations():
-    torch.manual_seed(0)
-    model = gp.Glow(in_channels=1, image_size=8, n_levels=3, n_steps=2, hidden=8, parts=[3, 1, 2])
-    x = torch.rand(8, 1, 8, 8) - 0.5
-    model.initialize(x)
+    model, x = tiny_model([3, 1, 2])
 
     def grads(m):
         m.zero_grad(set_to_none=True)
@@ -134,7 +266,7 @@ def test_recompute_gives_the_plain_gradients_and_saves_far_fewer_activations():
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
     plain_loss, plain = grads(model)
-    plain_bytes = gp.measure_step(model, x, "full", [0, 1, 2])[0]
+    plain_bytes = common.measure_step(model, x, "full", [0, 1, 2])[0]
     recomputed = benchmark.recompute(model)
     loss, again = grads(recomputed)
     assert torch.equal(loss, plain_loss) and len(again) == len(plain)
@@ -146,11 +278,14 @@ def test_recompute_gives_the_plain_gradients_and_saves_far_fewer_activations():
     for m in recomputed.modules():
         if isinstance(m, gp.FlowStep):
             m.register_forward_pre_hook(note)
-    kept = gp.measure_step(recomputed, x, "full", [0, 1, 2])[0]
+    kept = common.measure_step(recomputed, x, "full", [0, 1, 2])[0]
     assert sum(inputs.values()) <= kept < plain_bytes / 2
     with torch.no_grad():
         zs, _, _ = recomputed(x)
         assert (recomputed.reverse(zs) - x).abs().max() < 1e-4
+
+
+# --- the pipeline of parts
 
 
 def torchrun(nproc, script, args, timeout=600):
@@ -171,69 +306,113 @@ def test_pipeline_on_two_processes_sends_nothing_back_and_its_checkpoint_reloads
            f"received {per_epoch} from earlier parts, 0 from later ones" in proc.stdout
     m = sweep.read_curve(out)
     assert [e["epoch"] for e in m] == [1, 2] and m[1]["test_bpd"] < m[0]["test_bpd"]
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    cfg = gp.Config(**ckpt["config"])
-    model = gp.build_model(cfg)
-    model.load_state_dict(ckpt["model"])
-    _, test = gp.prepare_data(cfg)
-    e = gp.evaluate(model, test, cfg.batch_size, torch.device("cpu"))
+    model = common.load_model(out)
+    cfg = gp.Config(**torch.load(out / "checkpoint.pt", weights_only=True)["config"])
+    e = gp.evaluate(model, gp.prepare_data(cfg)[1], cfg.batch_size, torch.device("cpu"))
     assert abs(e["test_bpd"] - m[-1]["test_bpd"]) < 1e-5 and abs(e["part_losses"][0] - m[-1]["part_losses"][0]) < 1e-5
     # one process continues the pipeline's run from its checkpoint, Adam state included
     assert gp.main(TINY + ["--mode", "parallel", "--epochs", "3", "--out", str(out), "--resume"]) == 0
     # the same math in one process gives the same numbers, up to float rounding (1 vs 2 threads, memory
     # layouts) that Adam amplifies on near-zero gradients: about 1e-3 bits/dim after 32 steps
-    run, data = gp.start_run(replace_out(cfg, epochs=2))
+    from dataclasses import replace
+    run, data = gp.start_run(replace(cfg, out=None, epochs=2))
     single = gp.train(run, data, log=lambda *a: None).history
     assert abs(single[-1]["test_bpd"] - m[1]["test_bpd"]) < 5e-3
 
 
-def replace_out(cfg, **changes):
-    from dataclasses import replace
-    return replace(cfg, out=None, **changes)
-
-
 @pytest.mark.parametrize("args,match", [
     (["--parts", "1,1,2"], "3 parts but 2 processes; use --nproc_per_node 3"),
-    (["--finetune", "1"], "--finetune"), (["--ema", "0.9"], "--ema")])
+    (["--finetune", "1"], "unrecognized arguments: --finetune"), (["--ema", "0.9"], "unrecognized arguments: --ema")])
 def test_the_pipeline_refuses_what_it_cannot_do_with_one_line(args, match, tmp_path, capsys, monkeypatch):
-    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "test"}.items():
         monkeypatch.setenv(k, v)
     assert gp.command("pipeline.py", pipeline.run_pipeline, TINY + ["--epochs", "1", "--out", str(tmp_path)] + args) == 2
-    err = capsys.readouterr().err
-    assert match in err and err.count("\n") == 1 and err.startswith("pipeline.py: error:"), err
+    assert match in one_error_line(capsys, "pipeline.py")
 
 
-def child_of(pid, parent):
-    try:
-        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) == parent
-    except (OSError, ValueError, IndexError):
-        return False
-
-
-def test_a_dead_process_under_torchrun_leaves_one_line_from_the_survivor_naming_the_kept_checkpoint(tmp_path):
-    out = tmp_path / "ddp"
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "glow_parts.py", *TINY, "--epochs", "50", "--out", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not (out / "metrics.jsonl").exists() and proc.poll() is None:
-        time.sleep(0.05)
-    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and child_of(int(p), proc.pid)]
-    rank1 = [p for p in workers if b"\0RANK=1\0" in b"\0" + open(f"/proc/{p}/environ", "rb").read()]
-    os.kill(rank1[0], signal.SIGKILL)
-    err = proc.communicate(timeout=120)[1]
-    ours = [line for line in err.splitlines() if line.startswith("glow_parts.py:")]
-    assert proc.returncode != 0 and len(ours) == 1 and "is kept" in ours[0], err[-3000:]
-    assert "glow_parts.py\", line" not in err, err[-3000:]
+# --- the spike recorder, quiet timing
 
 
 def test_spike_records_every_step_of_the_schedule_and_finds_the_largest_rise(tmp_path, capsys):
     out = tmp_path / "spike"
-    assert gp.command("spike.py", spike.run_spike, TINY + ["--mode", "alternate", "--epochs", "2", "--out", str(out)]) == 0
+    assert gp.command("spike.py", spike.run_spike, TINY + ["--mode", "alternate", "--epochs", "2", "--beta2", "0.99",
+                                                           "--out", str(out)]) == 0
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert [s["part"] for s in steps] == [i % 2 for i in range(2 * 16)]  # alternate: parts 1, 2, 1, 2, ...
     assert all(s["update_norm"] > 0 and s["adam_v_max"] > 0 and s["grad_norm"]["ActNorm"] > 0 for s in steps)
     assert len((out / "layers.jsonl").read_text().splitlines()) == 2 and sweep.read_curve(out)[-1]["epoch"] == 2
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert all(g["betas"] == (0.9, 0.99) for o in ckpt["optimizers"] for g in o["param_groups"])
     curve = [{"epoch": e, "bpd": b} for e, b in enumerate([5.0, 4.0, 4.5, 3.0, 3.9, 3.2], 1)]
     assert spike.largest_rise(curve, "bpd") == (5, pytest.approx(0.9))  # 3.9 above the best so far, 3.0
+    capsys.readouterr()
+    assert gp.command("spike.py", spike.run_spike, TINY + ["--epochs", "1", "--out", str(out)]) == 2
+    err = one_error_line(capsys, "spike.py")
+    assert "already holds" in err and "--resume" not in err  # it advises only what it can do
+
+
+def test_timing_interleaves_the_phases_and_times_what_the_loop_counts(tmp_path):
+    path = tmp_path / "timing.json"
+    assert gp.command("timing.py", timing.run_timing, TINY + ["--repeats", "2", "--out", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert set(result["epoch_seconds"]) == {"full", "alternate", "finetune", "evaluation"}
+    assert all(len(s) == 2 and min(s) > 0 for s in result["epoch_seconds"].values())
+    assert result["summary"]["alternate"]["median"] < result["summary"]["full"]["median"]
+
+
+# --- the statistics, on given data with known answers
+
+
+def test_the_robust_gap_is_a_trimmed_mean_that_a_few_images_cannot_move():
+    x = [*range(1, 11), 1000.0]  # eleven values: int(0.1 * 11) = 1 cut at each end leaves 2..10
+    assert stats.trimmed_mean(x, cut=0.1) == pytest.approx(6.0)
+    assert stats.trimmed_mean(list(range(100)), cut=0.01) == pytest.approx(49.5)  # symmetric: the mean
+    assert stats.outlier_share([3.0, 3.0, 3.0, 13.0], n_bits=8) == pytest.approx(5.5 - 3.0)
+    assert stats.outlier_share([3.0, 4.0], n_bits=8) == 0.0 and stats.outlier_share([9.0, 11.0], 8) == pytest.approx(2)
+
+
+def test_the_nested_bootstrap_resamples_seeds_and_then_their_images():
+    import numpy as np
+    ones, threes = np.ones(50), np.full(50, 3.0)  # two seeds whose every image differs by 1 and by 3
+    lo, hi = stats.nested_bootstrap([50, 50], lambda s, i, _: [ones, threes][s][i].mean())
+    assert (lo, hi) == (1.0, 3.0)  # both seeds drawn alike a quarter of the time each: the ends are 1 and 3
+    one_seed = np.random.default_rng(0).normal(0.2, 1.0, 400)
+    lo, hi = stats.nested_bootstrap([400], lambda s, i, _: one_seed[i].mean(), n_boot=4000)
+    se = one_seed.std() / 20  # the textbook interval: mean +- 1.96 standard errors
+    assert lo == pytest.approx(one_seed.mean() - 1.96 * se, abs=0.3 * se)
+    assert hi == pytest.approx(one_seed.mean() + 1.96 * se, abs=0.3 * se)
+
+
+def test_the_t_test_over_seeds_the_verdict_and_the_cost_axis_give_hand_computed_answers():
+    t = stats.paired_t([1.0, 2.0, 3.0])  # t = 2 / (1 / sqrt 3); df 2: p = 1 - t / sqrt(2 + t^2)
+    assert t["t"] == pytest.approx(2 * 3 ** 0.5) and t["df"] == 2
+    assert t["p"] == pytest.approx(1 - 2 * 3 ** 0.5 / (2 + 12) ** 0.5)
+    assert stats.paired_t([0.5]) is None and stats.paired_t([1.0, 1.0]) is None
+    assert stats.verdict([-0.01, 0.02], 0.05) == "matches" and stats.verdict([0.1, 0.2], 0.05) == "worse"
+    assert stats.verdict([0.01, 0.1], 0.05) == "inconclusive" and stats.verdict([-0.2, -0.1], 0.05) == "better"
+    costs = {"full": 6.0, "alternate": 3.0, "finetune": 6.0}
+    assert stats.time_ratio(60, 30, 90, costs) == pytest.approx(2 / 3)
+    assert stats.equal_time_epoch(60, 30, costs) == 60 and stats.equal_time_epoch(60, 30, {**costs, "full": 6.1}) == 59
+    timing = {"epoch_seconds": {"full": [5.0, 7.0], "alternate": [2.0, 4.0], "finetune": [6.0, 6.0]}}
+    assert list(stats.equal_time_window(60, 30, timing)) == list(range(42, 85))  # (120 + 180) / 7 to 420 / 5
+
+
+def test_the_sweep_reloads_its_statistics_from_its_result_files(tmp_path):
+    import numpy as np
+    costs = tmp_path / "timing.json"
+    assert gp.command("timing.py", timing.run_timing, TINY + ["--repeats", "2", "--out", str(costs)]) == 0
+    out = tmp_path / "sweep"
+    assert gp.command("sweep.py", sweep.run_sweep, TINY + ["--budgets", "3,6", "--seeds", "0,1", "--test-subset", "100",
+                                                           "--timing", str(costs), "--out", str(out)]) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    arrays = dict(np.load(out / "sweep-scores.npz"))
+    again = sweep.summarize(gp.Config(**{**summary["config"], "seed": 0}), summary["seeds"],
+                            [tuple(s) for s in summary["splits"]], summary["per_seed"], arrays,
+                            json.loads(costs.read_text()))
+    assert json.loads(json.dumps(again["by_split"])) == summary["by_split"]
+    b = summary["by_split"][0]
+    assert {"gap_robust", "gap_robust_ci", "margin", "verdict", "gap_mean", "gap_mean_ci", "time_ratio",
+            "time_ratio_ci", "time_ratio_with_evaluation", "gap_equal_time_robust", "outlier_share"} <= set(b)
+    assert b["gap_robust_ci"][0] <= b["gap_robust"] <= b["gap_robust_ci"][1]
+    first = arrays[f"seed0/{b['alternate_epochs']}+{b['finetune_epochs']}"] - arrays["seed0/full3"]
+    assert b["gap_robust_per_seed"][0] == pytest.approx(float(stats.trimmed_mean(first.astype(float))))
