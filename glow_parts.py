@@ -1,9 +1,6 @@
 """
-glow_parts.py: Glow trained in gradient-isolated parts with a truncated local objective.
-
-In reading order: the layers, Glow cut into parts and the truncated objective, the data, the settings,
-one training loop for every mechanism (full, alternate, sequential, parallel, + finetuning end to end),
-runs that resume exactly, data parallel under torchrun, the command line.
+glow_parts.py: Glow trained in gradient-isolated parts with a truncated local objective; one training loop
+for every mechanism (full, alternate, sequential, parallel; then finetuning end to end).
 
 Quickstart (CPU, offline, about a minute; scikit-learn's bundled 8x8 digits):
     python glow_parts.py --dataset digits --levels 2 --steps 8 --hidden 64 --warmup 50 \
@@ -56,6 +53,9 @@ except KeyboardInterrupt:  # Ctrl-C while torch loads: one line, nothing written
 
 class UsageError(ValueError):
     """Bad flags, data, checkpoint or run directory: the command says why in one line, exit code 2."""
+
+class RunStopped(Exception):
+    """The run cannot go on (a non-finite loss, a lost process): the command says why in one line, exit 1."""
 # -----------------------------------------------------------------------------
 # Invertible layers. One contract: forward(x) -> (y, logdet of shape (B,)), reverse(y) -> x.
 
@@ -65,8 +65,7 @@ class ActNorm(nn.Module):
         super().__init__()
         self.loc = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        # A buffer, so it travels with the weights: a reloaded model is never re-initialised.
-        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("initialized", torch.tensor(False))  # a buffer: a reloaded model keeps its init
         self.data_init = False  # set by Glow.initialize: the next forward pass sets loc and logs
 
     def forward(self, x):
@@ -133,7 +132,6 @@ class AffineCoupling(nn.Module):
         self.conv3 = ZeroConv2d(hidden, channels)  # zero at init: shift 0, scale sigmoid(2)
 
     def shift_and_logit(self, xa):
-        """(shift, logit of the scale) of x_b, both functions of x_a only."""
         h = F.relu(self.norm1(self.conv1(xa))[0])
         h = F.relu(self.norm2(self.conv2(h))[0])
         shift, raw = self.conv3(h).chunk(2, dim=1)
@@ -184,11 +182,8 @@ def gaussian_log_prob(z, mean, logs):
     return lp.flatten(1).sum(1)
 
 class Split(nn.Module):
-    """Factor out half the channels as a latent z, scored by a learned prior N(z; mean(h), std(h)).
-
-    Not a bijection of one tensor, so its contract is its own:
-    forward(x) -> (h, z, log p(z | h)); reverse(h, z) -> x, sampling z when it is None."""
-
+    """Factor out half the channels as a latent z, scored by a learned prior N(z; mean(h), std(h)). Not a
+    bijection of one tensor: forward(x) -> (h, z, log p(z | h)); reverse(h, z) -> x (z None: sampled)."""
     def __init__(self, channels, bound=None):
         super().__init__()
         self.prior = ZeroConv2d(channels // 2, channels)  # h -> (mean, log std) of z; N(0, I) at init
@@ -237,8 +232,9 @@ def default_parts(n_levels, n_steps):
     return parts
 
 def check_flow(parts, n_levels, n_steps, image_size):
-    """The parts (step counts, in flow order) as a list of ints if they cut this flow, else UsageError."""
-    parts, size = list(parts), 2 ** n_levels  # each level halves the image
+    """The parts (step counts in flow order; None: the poster's cut) as a list if they cut this flow."""
+    parts = default_parts(n_levels, n_steps) if parts is None else list(parts)
+    size = 2 ** n_levels  # each level halves the image
     if not parts or not all(type(p) is int and p > 0 for p in parts):
         raise UsageError(f"--parts: want a non-empty list of positive integers, got {parts}")
     if sum(parts) != n_levels * n_steps:
@@ -290,15 +286,13 @@ class Part(nn.Module):
 class Glow(nn.Module):
     """Multi-scale Glow: per level a squeeze, n_steps flow steps, and (except the last) a split.
 
-    The n_levels * n_steps flow steps form one sequence that `parts` (step counts; default: the
-    poster's cut) cuts into contiguous parts. A squeeze goes to the part holding its level's first
-    step, a split to the part holding its level's last step, the top prior to the last part: every
-    parameter is in exactly one part. Call initialize(x) on a batch before training (ActNorm's init)."""
-
+    The n_levels * n_steps flow steps form one sequence that `parts` (step counts) cuts into contiguous
+    parts. A squeeze goes to the part holding its level's first step, a split to the part holding its
+    level's last step, the top prior to the last part: every parameter is in exactly one part. Call
+    initialize(x) on a batch before training (ActNorm's init)."""
     def __init__(self, in_channels=3, image_size=32, n_levels=3, n_steps=32, hidden=512, parts=None,
                  n_bits=8, part_prior="standard", prior_bound=5.0):
         super().__init__()
-        parts = default_parts(n_levels, n_steps) if parts is None else parts
         parts = check_flow(parts, n_levels, n_steps, image_size)
         self.n_bits, self.part_sizes, self.n_splits = n_bits, parts, n_levels - 1
         self.n_dims = in_channels * image_size ** 2  # D
@@ -322,8 +316,7 @@ class Glow(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x):
-        """ActNorm's data init on batch x, in flow order, so each ActNorm sees normalised inputs.
-        ActNorms already initialised (a model loaded from a checkpoint) are left as they are."""
+        """ActNorm's data init on batch x, in flow order (each sees normalised inputs); loaded ones kept."""
         pending = [m for m in self.modules() if isinstance(m, ActNorm) and not m.initialized]
         for m in pending:
             m.data_init = True
@@ -376,8 +369,7 @@ class Glow(nn.Module):
 
     def reverse(self, zs, temperature=1.0):
         """Exact inverse of forward; a None among the split-off latents is sampled at `temperature`."""
-        zs = list(zs)
-        h = zs.pop()
+        *zs, h = zs  # a new list: the parts pop their latents off it
         for part in reversed(self.parts):
             h = part.reverse(h, zs, temperature)
         return h
@@ -412,13 +404,12 @@ def preprocess(x, n_bits, noise=True, generator=None):
 
 def load_images(name, data_dir="./data", download=True):
     """(train, test) uint8 tensors (N, C, H, W), each split checked against DATASETS. digits: scikit-learn's
-    1797 8x8 digits (16 grey levels, scaled to 0..255 in steps of 17), the first 1500 to train, the last 297
-    to test. The others come through torchvision; a load that fails removes the folders it made."""
+    8x8 digits (16 grey levels, scaled to 0..255 in steps of 17); the others come through torchvision."""
     C, S, n_train, n_test, where = DATASETS[name]
     if name == "digits":
         from sklearn.datasets import load_digits
         images = torch.from_numpy(load_digits().images).clamp(max=15).mul(17).to(torch.uint8)[:, None]
-        data = [images[:1500], images[1500:]]
+        data = [images[:n_train], images[n_train:]]  # 1500 and 297 of the 1797
     else:
         import torchvision
         cls = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST,
@@ -441,7 +432,6 @@ def load_images(name, data_dir="./data", download=True):
     return data
 
 def resize(images, size):
-    """Antialiased bilinear resize of uint8 images to size x size."""
     if images.shape[-2:] == (size, size):
         return images
     x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -460,23 +450,24 @@ def eval_batches(images, batch_size, n_bits, device):
         yield preprocess(images[i:i + batch_size].to(device), n_bits, generator=generator)
 
 # -----------------------------------------------------------------------------
-# The settings of a run. Each is a command-line flag, and every Config is checked here wherever it
-# comes from (flags, a checkpoint, code): a bad value is a UsageError naming its flag.
+# The settings of a run: each is a flag, checked wherever it comes from (flags, a checkpoint, code).
 
 MODES = ("full", "alternate", "sequential", "parallel")
 END_TO_END = ("full", "finetune")  # the phases that backpropagate the whole flow's bits/dim
 F32 = torch.finfo(torch.float32)
 
-def setting(default, help, kind, low=None, high=None, choices=None, action=None, many=False):
+def flags(names):
+    return ", ".join("--" + name.replace("_", "-") for name in names)
+
+def setting(default, help, kind, low=None, high=None, choices=None, many=False):
     """A Config field and its check: its kind (of each item, where `many` allows a list), its range (closed
-    for ints, open for floats) or choices; `action`: argparse's, for on/off flags."""
+    for ints, open for floats) or choices."""
     return field(default=default, metadata=dict(help=help, kind=kind, low=low, high=high, choices=choices,
-                                                action=action, many=many))
+                                                many=many))
 
 def check_setting(f, value):
-    """UsageError naming the flag unless value suits Config field f; a float must also be one that float32
-    holds (1e-300 would be 0 in the model, 1e300 infinite)."""
-    m, name, kind = f.metadata, "--" + f.name.replace("_", "-"), f.metadata["kind"]
+    """UsageError naming the flag unless value suits Config field f (a float: one that float32 holds)."""
+    m, name, kind = f.metadata, flags([f.name]), f.metadata["kind"]
     if isinstance(value, list) and not (m["many"] and value):
         raise UsageError(f"{name}: want one {kind.__name__}" + " or a list" * m["many"] + f", got {value!r}")
     for v in value if isinstance(value, list) else [value]:
@@ -516,8 +507,7 @@ class Config:
     decay: int | None = setting(None, "then every rate falls on a half cosine to 0 at epoch N", int, 1)
     alternate_every: int = setting(1, "steps per turn in alternate mode", int, 1)
     clip: float | None = setting(None, "clip each learning part's gradient to this norm", float, 0.0)
-    compile: bool | None = setting(None, "torch.compile every part; None: on a GPU, not on a CPU (minutes)",
-                                   bool, action=argparse.BooleanOptionalAction)
+    compile: bool | None = setting(None, "torch.compile each part; None: on a GPU, not a CPU (minutes)", bool)
     ema: float | None = setting(None, "Polyak averaging: the decay of the weights' moving average, which "
                                 "evaluates, samples, is saved; None: off", float, 0.0, 1.0)
     seed: int = setting(0, "weights, data order and noise all follow from it", int, 0, 2 ** 32 - 1)
@@ -534,8 +524,7 @@ class Config:
         self.n_bits = self.n_bits or (4 if self.dataset == "digits" else 8)
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.compile = self.device.startswith("cuda") if self.compile is None else self.compile
-        self.parts = check_flow(self.parts or default_parts(self.levels, self.steps), self.levels, self.steps,
-                                self.image_size)
+        self.parts = check_flow(self.parts, self.levels, self.steps, self.image_size)
         self.lr = self.lr if isinstance(self.lr, list) else [self.lr]
         self.lr = self.lr * len(self.parts) if len(self.lr) == 1 else self.lr
         if len(self.lr) != len(self.parts):
@@ -562,9 +551,8 @@ class Run:
     continue_with: str | None = None  # the command that continues this run, where --resume may not
 
 def learning_parts(phase, step, phase_steps, n_parts, every=1):
-    """The parts that learn on `step` of a phase. full / finetune / parallel: every part. alternate: one at
-    a time, round-robin, `every` steps a turn. sequential: the phase's steps divided among the parts in
-    order (greedy)."""
+    """The parts that learn on `step` of a phase. full / finetune / parallel: every part. alternate: one at a
+    time, round-robin, `every` steps a turn. sequential: the phase's steps split among the parts in order."""
     if phase == "alternate":
         return [(step // every) % n_parts]
     if phase == "sequential":
@@ -580,8 +568,7 @@ def losses(model, x, phase, learning):
     """What a step of `phase` backpropagates. full and finetune: the whole flow's bits/dim, one gradient
     for every part. The others: each learning part's truncated loss L_k, which reaches only part k."""
     if phase in END_TO_END:
-        _, logdet, logpz = model(x)
-        return [model.bits_per_dim(logdet + logpz).mean()]
+        return [model.bits_per_dim(model.log_prob(x)).mean()]
     return [model.bits_per_dim(log_prob).mean() for log_prob in model.truncated(x, learning)]
 
 def step_parts(run, learning, decay=1.0):
@@ -594,9 +581,6 @@ def step_parts(run, learning, decay=1.0):
             torch.nn.utils.clip_grad_norm_(run.model.parts[k].parameters(), run.cfg.clip)
         run.optimizers[k].step()
         run.updates[k] += 1
-
-class RunStopped(Exception):
-    """The run cannot go on (a non-finite loss, a lost process): the command says why in one line, exit 1."""
 
 def train(run, data, log=print, shard=slice(None)):
     """Train run.cfg's mechanism, then its finetuning, from run's epoch to epochs + finetune: every
@@ -647,11 +631,10 @@ FEW = 0.05  # bits/dim: the images worse than noise "make the mean" where they a
 
 @torch.no_grad()
 def evaluate(model, images, batch_size, device):
-    """The test metrics, with the same dequantization noise every time: the mean bits/dim of the model
-    (test_bpd, the paper's metric) and of the flow truncated after each part (part_losses); what the mean
-    rests on: the median image, the images worse than uniform noise on the cube (above n_bits): how many,
-    the first 20, what they add to the mean (the mean minus the mean without them; all: minus n_bits); and
-    every image's bits/dim (per_image)."""
+    """The test metrics, with the same dequantization noise every time: the mean bits/dim (test_bpd, the
+    paper's metric) and that of the flow truncated after each part (part_losses); the median image; the images
+    worse than uniform noise (above n_bits): how many, what they add to the mean (the mean minus the mean
+    without them; all: minus n_bits); every image's bits/dim (per_image)."""
     was_training, per_image = model.training, []
     model.eval()
     totals = torch.zeros(len(model.parts), dtype=torch.float64, device=device)
@@ -664,8 +647,8 @@ def evaluate(model, images, batch_size, device):
     worse = ~(bpd <= model.n_bits)  # nan counts as worse
     rest = bpd[~worse].mean().item() if (~worse).any() else model.n_bits
     return {"test_bpd": part_bpd[-1], "part_losses": part_bpd, "test_median_bpd": bpd.median().item(),
-            "test_outliers": int(worse.sum()), "test_outlier_ids": torch.nonzero(worse)[:20, 0].tolist(),
-            "test_outlier_share": part_bpd[-1] - rest if worse.any() else 0.0, "per_image": bpd.float()}
+            "test_outliers": int(worse.sum()), "per_image": bpd.float(),
+            "test_outlier_share": part_bpd[-1] - rest if worse.any() else 0.0}
 
 def evaluate_run(run, images):
     """evaluate() of the run's model: with --ema, of the averaged weights, and raw_test_bpd of the raw."""
@@ -726,13 +709,12 @@ def build_model(cfg):
 
 def prepare_data(cfg):
     """(train, test) uint8 images of the dataset named in cfg, subset and resized."""
-    train_images, test_images = load_images(cfg.dataset, cfg.data_dir)
-    for flag, n, images, split in (("subset", cfg.subset, train_images, "training"),
-                                   ("test-subset", cfg.test_subset, test_images, "test")):
+    train, test = load_images(cfg.dataset, cfg.data_dir)
+    for flag, n, images, split in (("subset", cfg.subset, train, "training"),
+                                   ("test-subset", cfg.test_subset, test, "test")):
         if (n or 0) > len(images):
             raise UsageError(f"--{flag} {n}: {cfg.dataset} has only {len(images)} {split} images")
-    train_images, test_images = train_images[:cfg.subset], test_images[:cfg.test_subset]
-    return resize(train_images, cfg.image_size), resize(test_images, cfg.image_size)
+    return resize(train[:cfg.subset], cfg.image_size), resize(test[:cfg.test_subset], cfg.image_size)
 
 def write_atomic(path, data):
     """Write bytes to path through a temporary file and a rename: a reader (or a resume) sees the old file
@@ -766,8 +748,7 @@ def save_checkpoint(run):
     write_atomic(os.path.join(run.cfg.out, "checkpoint.pt"), buffer.getbuffer())
 
 def load_checkpoint(path):
-    """The checkpoint at path, checked whole before anything is built from it: its fields and their types,
-    its config, its counters against its own history, every number finite. UsageError naming what is wrong."""
+    """The checkpoint at path, checked whole before anything is built from it, or a UsageError naming why."""
     if not os.path.isfile(path):
         raise UsageError(f"--resume: no checkpoint at {path}")
     try:
@@ -798,9 +779,8 @@ def load_checkpoint(path):
     return ckpt
 
 def start_run(cfg, data=None, ckpt=None):
-    """(run before its first step, (train, test) images): fresh, or restored from a checked ckpt. A fresh run
-    seeds everything from cfg.seed and initialises ActNorm on the first INIT_BATCH training images: every
-    mechanism of a seed starts from the same weights. A resumed one must be the run in cfg.out."""
+    """(run before its first step, (train, test) images): restored from a checked ckpt (the run in cfg.out),
+    or fresh, seeded by cfg.seed alone: every mechanism of a seed starts from the same weights."""
     model = build_model(cfg)
     run = Run(cfg, model, make_optimizers(model), updates=[0] * len(model.parts))
     run.ema = copy.deepcopy(model) if cfg.ema and ckpt else None
@@ -899,20 +879,16 @@ def make_parser(description, without=()):
              "lr": lambda t: [float(v) for v in t.split(",")]}
     for f in (f for f in fields(Config) if f.name not in without):
         m = f.metadata
-        how = {"action": m["action"]} if m["action"] else {"type": parse.get(f.name, m["kind"]),
-                                                           "choices": m["choices"]}
-        p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
-                       help=f"{m['help']} (default: {f.default})", **how)
+        how = ({"action": argparse.BooleanOptionalAction} if m["kind"] is bool else
+               {"type": parse.get(f.name, m["kind"]), "choices": m["choices"]})
+        p.add_argument(flags([f.name]), default=argparse.SUPPRESS, help=f"{m['help']} (default: {f.default})",
+                       **how)
     return p
 
 RESUMABLE = ("epochs", "finetune", "lr", "warmup", "clip", "data_dir", "device", "out", "compile")
 
-def flags(names):
-    return ", ".join("--" + name.replace("_", "-") for name in names)
-
 def resume_config(ckpt, given, log=print):
-    """A resumed run's Config: the checkpoint's, with the flags given that a resume may change (RESUMABLE),
-    each logged, and refused in one line where it may not."""
+    """A resumed run's Config: the checkpoint's, with the flags given that a resume may change (RESUMABLE)."""
     cfg, saved, done = Config(**{**ckpt["config"], **given}), Config(**ckpt["config"]), ckpt["epoch"]
     changed = [k for k in given if getattr(cfg, k) != getattr(saved, k)]
     fixed = [k for k in changed if k not in RESUMABLE]
@@ -929,8 +905,7 @@ def resume_config(ckpt, given, log=print):
     return cfg
 
 def config_from_args(args, log=print):
-    """(Config, checkpoint or None) from parsed flags, after every check that needs no data; on --resume,
-    the checkpoint's config with the flags given that a resume may change."""
+    """(Config, checkpoint or None) from parsed flags (on --resume: resume_config's), checked but for data."""
     given = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
     given.setdefault("out", f"runs/{given.get('dataset', 'cifar10')}-{given.get('mode', 'alternate')}")
     resume = getattr(args, "resume", False)
@@ -950,9 +925,8 @@ def config_from_args(args, log=print):
     return cfg, ckpt
 
 def claim_run_dir(out, resume=False, hint="continue the run there with --resume, or choose another --out"):
-    """Create `out` and lock it for this process (in a with block): one writer per directory. The lock is
-    the operating system's (flock), so it ends with the process however it ends, kill -9 too. A fresh start
-    needs a directory that holds nothing but the lock and the temporary files of a stopped write."""
+    """Create `out` and lock it (in a with block): one writer per directory. The lock is the system's (flock):
+    it ends with the process however it ends, kill -9 too. A fresh start needs only it and *.tmp in `out`."""
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, ".lock"), "w")

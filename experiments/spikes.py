@@ -1,0 +1,84 @@
+"""
+experiments/spikes.py: how often alternate training spikes late, under each condition, over seeds.
+
+    python experiments/spikes.py --epochs 60 --out runs/spikes \
+        "plain:runs/fashion16-s180/seed0/alternate,...,runs/spike-seed5" \
+        "beta2 0.99:runs/spike-b2-seed0,...,runs/spike-b2-seed5"
+
+Each argument is a condition, "label:run directory,run directory,...", the directories in seed order
+(the same order in every condition, so that they pair up). A late spike (fixed before the runs were
+seen): the raw weights' test bits/dim rises more than --threshold above its best so far, after epoch
+--after, within the first --epochs epochs. Per run: its largest such rise and its epoch, and the test
+bits/dim (averaged weights) at --epochs; per condition: the spikes counted, and that score over seeds;
+between the first condition and each other one: the score's per-seed differences. Results:
+out/spikes.json and a table.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+from common import gp, markdown_table, read_curve
+from sweep import largest_rise
+
+
+def spikes(conditions, epochs, after, threshold):
+    """{label: [per run: its largest late rise, its epoch, whether it is a spike, bits/dim at `epochs`]}."""
+    result = {}
+    for label, dirs in conditions:
+        rows = []
+        for d in dirs:
+            curve = read_curve(d)[:epochs]
+            if len(curve) < epochs:
+                raise gp.UsageError(f"{d} has {len(curve)} epochs, fewer than --epochs {epochs}")
+            key = "raw_test_bpd" if "raw_test_bpd" in curve[-1] else "test_bpd"
+            best = min(m[key] for m in curve[:after])
+            epoch, rise = largest_rise([{"epoch": 0, key: best}] + curve[after:], key)
+            rows.append({"run": d, "largest_late_rise": rise, "epoch": epoch, "spike": rise > threshold,
+                         "bpd_at_end": curve[-1]["test_bpd"], "largest_rise_anywhere": largest_rise(curve, key)})
+        result[label] = rows
+    return result
+
+
+def table(result):
+    labels = list(result)
+    rows = [[label, f"{sum(r['spike'] for r in runs)} of {len(runs)}",
+             ", ".join(f"+{r['largest_late_rise']:.2f}" + (f" (ep {r['epoch']})" if r["epoch"] else "") for r in runs),
+             f"{statistics.fmean(r['bpd_at_end'] for r in runs):.3f} ± "
+             f"{statistics.stdev(r['bpd_at_end'] for r in runs) if len(runs) > 1 else 0:.3f}",
+             "-" if label == labels[0] else " ".join(f"{b['bpd_at_end'] - a['bpd_at_end']:+.3f}" for a, b in
+                                                     zip(result[labels[0]], runs))]
+            for label, runs in result.items()]
+    return markdown_table(["condition", "late spikes", "largest late rise per seed", "bpd at the end (mean ± sd)",
+                           f"per seed, minus {labels[0]}"], rows)
+
+
+def parse_condition(text):
+    label, _, dirs = text.partition(":")
+    if not label or not dirs:
+        raise argparse.ArgumentTypeError(f"want label:dir,dir,..., got {text!r}")
+    return label, dirs.split(",")
+
+
+def run_spikes(argv, where):
+    p = gp.Parser(description="How often alternate training spikes late, per condition, over seeds.",
+                  allow_abbrev=False)
+    p.add_argument("conditions", nargs="+", type=parse_condition, help="label:dir,dir,... (seed order)")
+    p.add_argument("--epochs", type=int, default=60, help="epochs of each run to read (default: 60)")
+    p.add_argument("--after", type=int, default=20, help="a late rise comes after this epoch (default: 20)")
+    p.add_argument("--threshold", type=float, default=1.0, help="a rise above this is a spike (default: 1.0)")
+    p.add_argument("--out", required=True, help="directory for spikes.json")
+    args = p.parse_args(argv)
+    if len({len(dirs) for _, dirs in args.conditions}) > 1:
+        raise gp.UsageError("every condition needs the same number of runs, in the same seed order")
+    result = spikes(args.conditions, args.epochs, args.after, args.threshold)
+    os.makedirs(args.out, exist_ok=True)
+    gp.write_atomic(os.path.join(args.out, "spikes.json"), json.dumps(
+        {"epochs": args.epochs, "after": args.after, "threshold": args.threshold, "conditions": result},
+        indent=1).encode())
+    print(table(result))
+
+
+if __name__ == "__main__":
+    sys.exit(gp.command("spikes.py", run_spikes))
