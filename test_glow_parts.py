@@ -437,7 +437,8 @@ def test_cli_run_writes_metrics_checkpoint_and_samples(tmp_path):
 def test_decay_lowers_every_rate_along_a_cosine_to_zero_at_its_epoch(monkeypatch):
     run, data = gp.start_run(tiny_cfg(mode="full", epochs=2, warmup=1, decay=2, subset=64))  # 2 steps an epoch
     rates, real = [], gp.step_parts
-    monkeypatch.setattr(gp, "step_parts", lambda run, learning, decay: rates.append(decay) or real(run, learning, decay))
+    monkeypatch.setattr(gp, "step_parts",
+                        lambda run, learning, decay: rates.append(decay) or real(run, learning, decay))
     gp.train(run, data, log=quiet)
     assert rates == pytest.approx([0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
     assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(2e-3 * rates[-1])
@@ -554,7 +555,7 @@ def test_a_damaged_idx_file_is_one_line_naming_the_dataset_and_its_folder(damage
     code = gp.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--image-size", "16", "--levels", "2",
                     "--steps", "2", "--epochs", "1", "--out", str(tmp_path / "run")])
     err = one_error_line(capsys)
-    assert code == 2 and f"could not load fashion-mnist" in err and f"{tmp_path}/FashionMNIST/raw/" in err, err
+    assert code == 2 and "could not load fashion-mnist" in err and f"{tmp_path}/FashionMNIST/raw/" in err, err
     assert path.exists()  # the user's files stay where they are
 
 
@@ -916,7 +917,8 @@ def test_resume_applies_and_logs_the_flags_it_may_change_and_refuses_the_others(
 
 
 def test_default_warmup_is_known_from_the_settings_and_a_longer_resume_equals_a_longer_run(tmp_path):
-    assert gp.Config().warmup == 50000 // 64 // 4 == 195 and gp.Config(dataset="fashion-mnist", image_size=32).warmup == 234
+    assert gp.Config().warmup == 50000 // 64 // 4 == 195
+    assert gp.Config(dataset="fashion-mnist", image_size=32).warmup == 234
     assert gp.Config(dataset="digits", levels=2, steps=8, batch_size=1).warmup == 500  # at most 500
     assert gp.Config(dataset="digits", levels=2, steps=8, subset=1, batch_size=1).warmup == 1  # at least 1
     flags = TINY[:-4] + ["--epochs", "2"]  # no --warmup, no --lr
@@ -948,9 +950,11 @@ def test_ema_evaluates_samples_and_checkpoints_the_averaged_weights_and_resumes_
 def torchrun(nproc, script, args, timeout=600, **kwargs):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script,
+               *args]
     if kwargs.get("popen"):
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE, env=env)
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                                env=env)
     return subprocess.run(command, capture_output=True, text=True, cwd=HERE, env=env, timeout=timeout)
 
 

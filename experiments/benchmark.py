@@ -146,7 +146,8 @@ def run_benchmark(argv, where):
     p = gp.make_parser("Step costs of each mechanism on random images, beside the cost model.", without=(
         "mode", "epochs", "finetune", "data_dir", "subset", "test_subset", "lr", "warmup", "decay", "alternate_every",
         "clip", "ema", "out"))
-    p.add_argument("--modes", type=parse_modes, default=["full", "alternate"], help="mechanisms (default: full,alternate)")
+    p.add_argument("--modes", type=parse_modes, default=["full", "alternate"],
+                   help="mechanisms (default: full,alternate)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per kind of step, after one measured step")
     p.add_argument("--recompute", action="store_true", help="memory-saving gradients: each flow step keeps only "
                                                             "its input and runs again in backward")
@@ -161,7 +162,8 @@ def run_benchmark(argv, where):
     cfg = lab_config(args, "benchmark")
     if balanced is not None:
         if not 1 <= balanced <= cfg.levels * cfg.steps:
-            raise gp.UsageError(f"--balanced {balanced}: want 1 to {cfg.levels * cfg.steps} parts (a step each at most)")
+            raise gp.UsageError(f"--balanced {balanced}: want 1 to {cfg.levels * cfg.steps} parts "
+                                "(a step each at most)")
         cfg = replace(cfg, parts=balanced_parts(balanced, cfg_macs(cfg)), lr=cfg.lr[0])
         print(f"--balanced {balanced}: --parts {','.join(map(str, cfg.parts))}")
     benchmark(cfg, modes, repeats, recomputed=recomputed)

@@ -62,7 +62,8 @@ def claim_experiment(out, plan, run_dirs):
 
 def plan_of(cfg, **more):
     """What makes an experiment's results: its settings but where it runs, and `more`."""
-    config = {k: v for k, v in asdict(cfg).items() if k not in PLACE and v is not None}  # a new setting, unset: the same
+    # a setting added later and left unset leaves an experiment's plan as it was
+    config = {k: v for k, v in asdict(cfg).items() if k not in PLACE and v is not None}
     return json.loads(json.dumps({"config": config, **more}))
 
 

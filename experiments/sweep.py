@@ -137,7 +137,8 @@ def summarize(cfg, seeds, splits, seeds_data, arrays, timing):
                "gap_robust": float(np.mean(trimmed)), "gap_robust_ci": robust_ci, "gap_robust_per_seed": trimmed,
                "gap_robust_t_test": stats.paired_t(trimmed), "margin": margin,
                "verdict": stats.verdict(robust_ci, margin) if margin is not None else None,
-               "gap_mean": float(np.mean([d.mean() for d in diffs])), "gap_mean_per_seed": [float(d.mean()) for d in diffs],
+               "gap_mean": float(np.mean([d.mean() for d in diffs])),
+               "gap_mean_per_seed": [float(d.mean()) for d in diffs],
                "gap_mean_ci": stats.nested_bootstrap([len(d) for d in diffs], lambda s, i, _: diffs[s][i].mean()),
                "gap_median_image": float(np.mean([np.median(a) - np.median(f) for a, f in zip(ends, fulls)])),
                "full_bpd": [float(f.mean()) for f in fulls], "bpd": [float(a.mean()) for a in ends],
@@ -149,9 +150,9 @@ def summarize(cfg, seeds, splits, seeds_data, arrays, timing):
             row.update(time_statistics(A, F, seeds, arrays, timing, max(a + f for a, f in splits)))
         by_split.append(row)
     return {"config": {**asdict(cfg), "seed": None}, "seeds": seeds, "splits": splits, "trim": stats.TRIM,
-            "margin_rule": stats.MARGIN_RULE, "timing": timing and {"date": timing["date"], "machine": timing["machine"],
-                                                                    "threads": timing["threads"],
-                                                                    "summary": timing["summary"]},
+            "margin_rule": stats.MARGIN_RULE,
+            "timing": timing and {"date": timing["date"], "machine": timing["machine"], "threads": timing["threads"],
+                                  "summary": timing["summary"]},
             "per_seed": seeds_data, "by_split": by_split}
 
 

@@ -147,7 +147,7 @@ def test_sweep_branches_equal_separate_runs_for_every_seed(ema, tmp_path):
     arrays = dict(np.load(tmp_path / "sweep" / "sweep-scores.npz"))
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 10_000
     assert [(b["alternate_epochs"], b["finetune_epochs"]) for b in summary["by_split"]] == [(2, 1), (3, 3), (4, 2)]
-    for i, seed in enumerate((0, 1)):  # each branch is the separate run alternate A + finetune F; full's prefix is full N
+    for i, seed in enumerate((0, 1)):  # each branch is the run alternate A + finetune F; full's prefix is full N
         seed_flags = flags + ["--seed", str(seed)]
         assert gp.main(seed_flags + ["--mode", "alternate", "--epochs", "3", "--finetune", "3",
                                      "--out", str(tmp_path / f"alone{seed}")]) == 0
@@ -326,7 +326,8 @@ def test_pipeline_on_two_processes_sends_nothing_back_and_its_checkpoint_reloads
 def test_the_pipeline_refuses_what_it_cannot_do_with_one_line(args, match, tmp_path, capsys, monkeypatch):
     for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "test"}.items():
         monkeypatch.setenv(k, v)
-    assert gp.command("pipeline.py", pipeline.run_pipeline, TINY + ["--epochs", "1", "--out", str(tmp_path)] + args) == 2
+    argv = TINY + ["--epochs", "1", "--out", str(tmp_path)] + args
+    assert gp.command("pipeline.py", pipeline.run_pipeline, argv) == 2
     assert match in one_error_line(capsys, "pipeline.py")
 
 
