@@ -21,6 +21,7 @@ import common  # noqa: E402
 import compare  # noqa: E402
 import pipeline  # noqa: E402
 import spike  # noqa: E402
+import spikes  # noqa: E402
 import stats  # noqa: E402
 import sweep  # noqa: E402
 import timing  # noqa: E402
@@ -350,6 +351,33 @@ def test_spike_records_every_step_of_the_schedule_and_finds_the_largest_rise(tmp
     assert gp.command("spike.py", spike.run_spike, TINY + ["--epochs", "1", "--out", str(out)]) == 2
     err = one_error_line(capsys, "spike.py")
     assert "already holds" in err and "--resume" not in err  # it advises only what it can do
+
+
+def test_spikes_counts_only_late_rises_above_the_threshold_against_the_best_so_far(tmp_path, capsys):
+    def run(name, rises):  # a falling raw curve, plus a bump of `rise` at each given epoch
+        raw = [5.0 - 0.01 * e + rises.get(e, 0.0) for e in range(1, 41)]
+        path = tmp_path / name
+        path.mkdir()
+        (path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "raw_test_bpd": v, "test_bpd": v - 0.1})
+                                                    + "\n" for e, v in enumerate(raw, 1)))
+        return str(path)
+    plain = [run("a0", {5: 3.0}), run("a1", {30: 1.5}), run("a2", {25: 0.8})]  # early, late spike, small
+    other = [run("b0", {}), run("b1", {35: 0.5}), run("b2", {21: 2.0})]
+    out = tmp_path / "out"
+    argv = ["--epochs", "40", "--out", str(out), "plain:" + ",".join(plain), "other:" + ",".join(other)]
+    assert gp.command("spikes.py", spikes.run_spikes, argv) == 0
+    result = json.loads((out / "spikes.json").read_text())["conditions"]
+    assert [r["spike"] for r in result["plain"]] == [False, True, False]
+    assert [r["spike"] for r in result["other"]] == [False, False, True]
+    late = result["plain"][1]
+    assert late["epoch"] == 30 and late["largest_late_rise"] == pytest.approx(1.5 - 0.01)  # above epoch 29's value
+    assert result["plain"][0]["largest_rise_anywhere"] == [5, pytest.approx(3.0 - 0.01)]
+    assert result["plain"][1]["bpd_at_end"] == pytest.approx(5.0 - 0.4 - 0.1)
+    assert "| plain | 1 of 3 |" in capsys.readouterr().out
+    assert gp.command("spikes.py", spikes.run_spikes, ["--epochs", "50", "--out", str(out), "p:" + plain[0]]) == 2
+    assert "fewer than --epochs 50" in one_error_line(capsys, "spikes.py")
+    assert gp.command("spikes.py", spikes.run_spikes, ["--out", str(out), "p:" + plain[0], "q:" + ",".join(other)]) == 2
+    assert "the same number of runs" in one_error_line(capsys, "spikes.py")
 
 
 def test_timing_interleaves_the_phases_and_times_what_the_loop_counts(tmp_path):
