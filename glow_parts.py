@@ -808,12 +808,12 @@ def start_run(cfg, data=None, ckpt=None):
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if torch.device(cfg.device).type == "cuda" and ckpt["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], cfg.device)
-        written = open(metrics).read() if metrics and os.path.isfile(metrics) else ""
-        if not metrics_text(run.history).startswith(written):
+        text = metrics_text(run.history)
+        if not text.startswith(open(metrics).read() if metrics and os.path.isfile(metrics) else ""):
             raise UsageError(f"--resume: {cfg.out}/checkpoint.pt is not the run in {cfg.out}: its history "
                              f"differs from metrics.jsonl there")
         if metrics:  # the metrics of every epoch the checkpoint holds, also where a stop lost the last
-            write_atomic(metrics, metrics_text(run.history).encode())
+            write_atomic(metrics, text.encode())
     else:
         model.initialize(preprocess(train_images[:INIT_BATCH].to(cfg.device), cfg.n_bits,
                                     generator=torch.Generator(device=cfg.device).manual_seed(cfg.seed)))

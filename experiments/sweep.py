@@ -166,10 +166,10 @@ def time_statistics(A, F, seeds, arrays, timing, last):
         draws = [stats.time_ratio(A, F, N, stats.resample_costs(timing, evaluation, rng)) for _ in range(stats.N_BOOT)]
         out[name] = stats.time_ratio(A, F, N, stats.quiet_costs(timing, evaluation))
         out[name + "_ci"] = [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
-    E = min(stats.equal_time_epoch(A, F, stats.quiet_costs(timing)), last)
-    ends = [arrays[f"seed{s}/{A}+{F}/subset"].astype(np.float64) for s in seeds]
     if min(stats.equal_time_window(A, F, timing)) < 1:  # full training had not finished an epoch by then
         return out
+    E = min(stats.equal_time_epoch(A, F, stats.quiet_costs(timing)), last)
+    ends = [arrays[f"seed{s}/{A}+{F}/subset"].astype(np.float64) for s in seeds]
 
     def gap(s, images, costs):  # full training stops at the largest budget: its last evaluation then
         e = min(stats.equal_time_epoch(A, F, costs) if costs else E, last)
