@@ -31,7 +31,6 @@ log-std bounded to (-5, 5) (--prior-bound); a free top prior; contiguous channel
 import argparse
 import copy
 import fcntl
-import glob
 import io
 import json
 import math
@@ -42,14 +41,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
-try:
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-except KeyboardInterrupt:  # Ctrl-C while torch loads: one line, nothing written yet
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one must not cut it short
-    print(f"{os.path.basename(sys.argv[0])}: interrupted (Ctrl-C) while loading torch", file=sys.stderr)
-    sys.exit(130)
+if __name__ == "__main__":  # Ctrl-C while torch loads ends the command at once (as SIGTERM): nothing written
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 class UsageError(ValueError):
     """Bad flags, data, checkpoint or run directory: the command says why in one line, exit code 2."""
@@ -96,8 +92,7 @@ class InvConv2dLU(nn.Module):
         self.log_s = nn.Parameter(torch.log(s.abs()))
 
     def weight(self):
-        eye = torch.eye(self.L.shape[0], device=self.L.device, dtype=self.L.dtype)
-        L = torch.tril(self.L, -1) + eye
+        L = torch.tril(self.L, -1) + torch.eye(self.L.shape[0], device=self.L.device, dtype=self.L.dtype)
         U = torch.triu(self.U, 1) + torch.diag(self.sign_s * torch.exp(self.log_s))
         return self.P @ L @ U
 
@@ -207,12 +202,11 @@ class GaussianPrior(nn.Module):
     """Diagonal Gaussian over a part's output h: learned (zero-initialised: N(0, I)) or fixed N(0, I)."""
     def __init__(self, shape, learned):
         super().__init__()
-        zeros = torch.zeros(1, *shape)
-        if learned:
-            self.mean, self.logs = nn.Parameter(zeros.clone()), nn.Parameter(zeros.clone())
-        else:
-            self.register_buffer("mean", zeros.clone(), persistent=False)
-            self.register_buffer("logs", zeros.clone(), persistent=False)
+        for name in ("mean", "logs"):  # a fixed prior's zeros are not saved: they never change
+            if learned:
+                self.register_parameter(name, nn.Parameter(torch.zeros(1, *shape)))
+            else:
+                self.register_buffer(name, torch.zeros(1, *shape), persistent=False)
 
     def log_prob(self, h):
         return gaussian_log_prob(h, self.mean, self.logs)
@@ -235,8 +229,6 @@ def check_flow(parts, n_levels, n_steps, image_size):
     """The parts (step counts in flow order; None: the poster's cut) as a list if they cut this flow."""
     parts = default_parts(n_levels, n_steps) if parts is None else list(parts)
     size = 2 ** n_levels  # each level halves the image
-    if not parts or not all(type(p) is int and p > 0 for p in parts):
-        raise UsageError(f"--parts: want a non-empty list of positive integers, got {parts}")
     if sum(parts) != n_levels * n_steps:
         raise UsageError(f"--parts {','.join(map(str, parts))} sum to {sum(parts)}, but the flow has "
                          f"levels * steps = {n_levels} * {n_steps} = {n_levels * n_steps} steps")
@@ -317,11 +309,10 @@ class Glow(nn.Module):
     @torch.no_grad()
     def initialize(self, x):
         """ActNorm's data init on batch x, in flow order (each sees normalised inputs); loaded ones kept."""
-        pending = [m for m in self.modules() if isinstance(m, ActNorm) and not m.initialized]
-        for m in pending:
-            m.data_init = True
-        if pending:
-            self(x)
+        for m in self.modules():
+            if isinstance(m, ActNorm):
+                m.data_init = not m.initialized
+        self(x)
 
     def forward(self, x):
         """x (B, C, H, W), preprocessed -> (zs, logdet, logpz), end to end: the latents (split-off
@@ -339,11 +330,10 @@ class Glow(nn.Module):
         return logdet + logpz
 
     def truncated(self, x, parts=None, start=0, const=None):
-        """[log p_k(x) in nats, (B,)] of the flows truncated after each part k in `parts` (ascending;
-        default all), in one pass. Each reaches only part k's parameters, so -log p_k(x) is part k's
-        truncated objective L_k. The parts before parts[0] run under no_grad (their terms are
-        constants for every learner); the parts after parts[-1] do not run. x may also be the input
-        of part `start`, with const the terms of the parts before it (a pipeline of parts)."""
+        """[log p_k(x) in nats, (B,)] of the flows truncated after each part k in `parts` (ascending; default
+        all), in one pass: each reaches only part k's parameters, so -log p_k(x) is part k's objective L_k.
+        Before parts[0], no_grad; after parts[-1], nothing runs (see isolate). x may also be the input of
+        part `start`, with const the terms of the parts before it (a pipeline of parts)."""
         parts = list(range(start, len(self.parts))) if parts is None else list(parts)
         h, const, log_probs = x, x.new_zeros(x.shape[0]) if const is None else const, []
         for k in range(start, parts[-1] + 1):
@@ -391,18 +381,15 @@ DATASETS = {  # channels, size, training and test images (what a loaded dataset 
 INIT_BATCH = 256  # images for ActNorm's data-dependent init (the official code's n_batch_init)
 
 def preprocess(x, n_bits, noise=True, generator=None):
-    """uint8 images (B, C, H, W) -> floats in [-0.5, 0.5), the scale the flow models.
-
-    Keep the top n_bits of each pixel, map the n_bins = 2^n_bits integers to bins of width 1/n_bins
-    on [-0.5, 0.5], and add uniform noise in [0, 1/n_bins) (dequantization): a density on this scale
-    then bounds the probability of the discrete image, and bits_per_dim adds the D log n_bins."""
+    """uint8 images (B, C, H, W) -> floats in [-0.5, 0.5): the top n_bits of each pixel, one of 2^n_bits bins
+    of width 1/2^n_bits, plus uniform noise within its bin (dequantization: see Glow.bits_per_dim)."""
     n_bins = 2 ** n_bits
     x = torch.div(x, 2 ** (8 - n_bits), rounding_mode="floor").float() / n_bins - 0.5
     if noise:
         x = x + torch.rand(x.shape, generator=generator, device=x.device) / n_bins
     return x.contiguous(memory_format=torch.channels_last)  # faster convolutions, measured on CPU
 
-def load_images(name, data_dir="./data", download=True):
+def load_images(name, root="./data", download=True):
     """(train, test) uint8 tensors (N, C, H, W), each split checked against DATASETS. digits: scikit-learn's
     8x8 digits (16 grey levels, scaled to 0..255 in steps of 17); the others come through torchvision."""
     C, S, n_train, n_test, where = DATASETS[name]
@@ -414,20 +401,20 @@ def load_images(name, data_dir="./data", download=True):
         import torchvision
         cls = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST,
                "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
-        folder = os.path.join(data_dir, cls.__name__)
-        made = [d for d in (os.path.join(folder, "raw"), folder, data_dir) if not os.path.isdir(d)]
+        made = [d for d in (f"{root}/{cls.__name__}/raw", f"{root}/{cls.__name__}", root)
+                if not os.path.isdir(d)]  # what a failed load takes away again
         try:
-            data = [torch.as_tensor(cls(data_dir, train=t, download=download).data) for t in (True, False)]
+            data = [torch.as_tensor(cls(root, train=t, download=download).data) for t in (True, False)]
         except Exception as e:  # offline download, missing or corrupt files: torchvision raises many kinds
             for d in made:
                 shutil.rmtree(d, ignore_errors=True)  # leave no half-made tree behind
             why = ": ".join([type(e).__name__, *str(e).strip().splitlines()[:1]])
-            raise UsageError(f"could not load {name} ({why}); put it in {data_dir}/{where}, or try the "
+            raise UsageError(f"could not load {name} ({why}); put it in {root}/{where}, or try the "
                              f"offline --dataset digits") from None
         data = [d.permute(0, 3, 1, 2).contiguous() if d.ndim == 4 else d[:, None] for d in data]  # NHWC/NHW
     for split, images, n in (("training", data[0], n_train), ("test", data[1], n_test)):
         if tuple(images.shape) != (n, C, S, S):
-            raise UsageError(f"{name}'s {split} split in {data_dir} holds {len(images)} images of "
+            raise UsageError(f"{name}'s {split} split in {root} holds {len(images)} images of "
                              f"{'x'.join(map(str, images.shape[1:]))}, not {n} of {C}x{S}x{S}: another file?")
     return data
 
@@ -443,12 +430,6 @@ def batches(images, batch_size, seed, epoch):
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + epoch))
     return DataLoader(TensorDataset(images), batch_size, sampler=order.tolist(), drop_last=True)
 
-def eval_batches(images, batch_size, n_bits, device):
-    """The test batches, with noise from a fixed generator: every evaluation sees the same noisy test set."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    for i in range(0, len(images), batch_size):
-        yield preprocess(images[i:i + batch_size].to(device), n_bits, generator=generator)
-
 # -----------------------------------------------------------------------------
 # The settings of a run: each is a flag, checked wherever it comes from (flags, a checkpoint, code).
 
@@ -460,8 +441,7 @@ def flags(names):
     return ", ".join("--" + name.replace("_", "-") for name in names)
 
 def setting(default, help, kind, low=None, high=None, choices=None, many=False):
-    """A Config field and its check: its kind (of each item, where `many` allows a list), its range (closed
-    for ints, open for floats) or choices."""
+    """A Config field: its kind (of each item if `many` allows a list), range (ints closed, floats open)."""
     return field(default=default, metadata=dict(help=help, kind=kind, low=low, high=high, choices=choices,
                                                 many=many))
 
@@ -502,14 +482,13 @@ class Config:
     prior_bound: float | None = setting(5.0, "the split priors' log-std in (-B, B); 0: unbounded", float, 0.0)
     batch_size: int = setting(64, "images per step (the global batch under torchrun)", int, 1)
     lr: float | list = setting(1e-3, "Adam's rate, or one per part: 1e-3,2e-3,2e-3,1e-3", float, 0, many=True)
-    warmup: int | None = setting(None, "linear warmup over each part's first N updates; None: an epoch's "
-                                 "steps / the parts, at most 500", int, 1)
+    warmup: int | None = setting(None, "linear warmup over a part's first N updates; None: its turns in an "
+                                 "epoch, at most 500", int, 1)
     decay: int | None = setting(None, "then every rate falls on a half cosine to 0 at epoch N", int, 1)
     alternate_every: int = setting(1, "steps per turn in alternate mode", int, 1)
     clip: float | None = setting(None, "clip each learning part's gradient to this norm", float, 0.0)
     compile: bool | None = setting(None, "torch.compile each part; None: on a GPU, not a CPU (minutes)", bool)
-    ema: float | None = setting(None, "Polyak averaging: the decay of the weights' moving average, which "
-                                "evaluates, samples, is saved; None: off", float, 0.0, 1.0)
+    ema: float | None = setting(None, "Polyak averaging's decay: the average evaluates", float, 0.0, 1.0)
     seed: int = setting(0, "weights, data order and noise all follow from it", int, 0, 2 ** 32 - 1)
     device: str | None = setting(None, "cpu, cuda, cuda:1, mps; None: cuda if there is one", str)
     out: str | None = setting(None, "run directory; None: runs/<dataset>-<mode>", str)
@@ -519,7 +498,13 @@ class Config:
         for f in fields(self):
             if getattr(self, f.name) is not None or type(None) not in getattr(f.type, "__args__", ()):
                 check_setting(f, getattr(self, f.name))
-        _, native, n_train, *_ = DATASETS[self.dataset]
+        _, native, n_train, n_test, _ = DATASETS[self.dataset]
+        n_images = min(self.subset or n_train, n_train)  # the training images a run uses
+        for flag, n, have, split in (("subset", self.subset, n_train, "training"),
+                                     ("test-subset", self.test_subset, n_test, "test"),
+                                     ("batch-size", self.batch_size, n_images, "training")):
+            if (n or 0) > have:
+                raise UsageError(f"--{flag} {n} is more than the {have} {split} images of {self.dataset}")
         self.image_size = self.image_size or native
         self.n_bits = self.n_bits or (4 if self.dataset == "digits" else 8)
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -529,8 +514,7 @@ class Config:
         self.lr = self.lr * len(self.parts) if len(self.lr) == 1 else self.lr
         if len(self.lr) != len(self.parts):
             raise UsageError(f"--lr gives {len(self.lr)} rates for {len(self.parts)} parts")
-        epoch_steps = min(self.subset or n_train, n_train) // self.batch_size  # a part's turns in an epoch
-        self.warmup = self.warmup or max(1, min(500, epoch_steps // len(self.parts)))
+        self.warmup = self.warmup or max(1, min(500, n_images // self.batch_size // len(self.parts)))  # turns
 
 # -----------------------------------------------------------------------------
 # Training: one loop for every mechanism; a schedule says which parts learn on each step.
@@ -548,7 +532,6 @@ class Run:
     history: list = field(default_factory=list)  # one metrics dict per finished epoch
     scores: list = field(default_factory=list)  # per finished epoch, every test image's bits/dim (float32)
     ema: Glow | None = None  # the moving average of the weights (--ema)
-    continue_with: str | None = None  # the command that continues this run, where --resume may not
 
 def learning_parts(phase, step, phase_steps, n_parts, every=1):
     """The parts that learn on `step` of a phase. full / finetune / parallel: every part. alternate: one at a
@@ -590,7 +573,6 @@ def train(run, data, log=print, shard=slice(None)):
     cfg, model, (train_images, test_images), device = run.cfg, run.model, data, torch.device(run.cfg.device)
     n_parts, epoch_steps = len(model.parts), len(train_images) // cfg.batch_size
     params, averages = list(model.parameters()), list(run.ema.parameters()) if run.ema else None
-    model.train()
     for epoch in range(run.epoch + 1, cfg.epochs + cfg.finetune + 1):
         phase, past, length = ((cfg.mode, epoch - 1, cfg.epochs) if epoch <= cfg.epochs else  # the mechanism,
                                ("finetune", epoch - 1 - cfg.epochs, cfg.finetune))  # then finetuning
@@ -607,9 +589,9 @@ def train(run, data, log=print, shard=slice(None)):
             owners = [n_parts - 1] if phase in END_TO_END else learning  # the part each value belongs to
             if not all(math.isfinite(v) for v in values):  # name the first part that fails: where it starts
                 with torch.no_grad():
-                    bad = [k for k, lp in enumerate(model.truncated(x)) if not torch.isfinite(lp).all()]
-                raise RunStopped(f"non-finite loss in part {(bad + owners)[0] + 1} of {n_parts} at epoch "
-                                 f"{epoch} ({phase}), step {i}")
+                    bad = [k for k, lp in enumerate(model.truncated(x)) if not lp.isfinite().all()] + owners
+                raise RunStopped(f"non-finite loss in part {bad[0] + 1} of {n_parts} at epoch {epoch} "
+                                 f"({phase}), step {i}")
             model.zero_grad(set_to_none=True)
             sum(step_losses).backward()
             progress = min(1.0, run.steps / (cfg.decay * epoch_steps)) if cfg.decay else 0.0  # of the decay
@@ -631,19 +613,16 @@ FEW = 0.05  # bits/dim: the images worse than noise "make the mean" where they a
 
 @torch.no_grad()
 def evaluate(model, images, batch_size, device):
-    """The test metrics, with the same dequantization noise every time: the mean bits/dim (test_bpd, the
-    paper's metric) and that of the flow truncated after each part (part_losses); the median image; the images
-    worse than uniform noise (above n_bits): how many, what they add to the mean (the mean minus the mean
-    without them; all: minus n_bits); every image's bits/dim (per_image)."""
-    was_training, per_image = model.training, []
-    model.eval()
-    totals = torch.zeros(len(model.parts), dtype=torch.float64, device=device)
-    for x in eval_batches(images, batch_size, model.n_bits, device):
-        bpd = torch.stack([model.bits_per_dim(lp).double() for lp in model.truncated(x)])  # (parts, B)
-        totals += bpd.sum(1)
-        per_image.append(bpd[-1])
-    model.train(was_training)
-    part_bpd, bpd = (totals / len(images)).tolist(), torch.cat(per_image).cpu()
+    """The test metrics: the mean bits/dim (test_bpd, the paper's) and each truncated flow's (part_losses);
+    the median image; the images worse than noise (above n_bits): how many, and what they add to the mean
+    (the mean minus the mean without them; all: minus n_bits); every image's bits/dim (per_image)."""
+    scores = []  # each batch's (parts, B) bits/dim; no layer here acts differently in eval mode
+    generator = torch.Generator(device=device).manual_seed(0)  # every evaluation: the same noisy test set
+    for i in range(0, len(images), batch_size):
+        x = preprocess(images[i:i + batch_size].to(device), model.n_bits, generator=generator)
+        scores.append(torch.stack([model.bits_per_dim(lp).double() for lp in model.truncated(x)]))
+    scores = torch.cat(scores, 1).cpu()  # every image's bits/dim under each truncated flow
+    part_bpd, bpd = scores.mean(1).tolist(), scores[-1]
     worse = ~(bpd <= model.n_bits)  # nan counts as worse
     rest = bpd[~worse].mean().item() if (~worse).any() else model.n_bits
     return {"test_bpd": part_bpd[-1], "part_losses": part_bpd, "test_median_bpd": bpd.median().item(),
@@ -661,8 +640,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 def finish_epoch(run, epoch, phase, train_parts, test, log):
-    """Record and print the epoch's metrics (test: evaluate_run()'s) and draw samples; then write the
-    checkpoint first, and metrics.jsonl and the samples after it: the checkpoint is the run."""
+    """Record and print the epoch's metrics; write the checkpoint (the run) first, then metrics, samples."""
     run.epoch, parts = epoch, None if phase in END_TO_END else train_parts  # parts' own losses: where alone
     run.scores.append(test.pop("per_image"))
     run.history.append({"epoch": epoch, "phase": phase, "train_bpd": train_parts[-1], **test,
@@ -687,18 +665,15 @@ def finish_epoch(run, epoch, phase, train_parts, test, log):
 # Runs: build, checkpoint (atomic, checked whole), resume exactly.
 
 def build_model(cfg):
-    """cfg's Glow on its device, seeded; refused before anything is allocated where its weights, gradients
-    and Adam moments (16 bytes a parameter) would not fit in the device's memory."""
+    """cfg's Glow on its device, seeded; refused before anything is allocated where it cannot train."""
     glow = lambda: Glow(in_channels=DATASETS[cfg.dataset][0], image_size=cfg.image_size,  # noqa: E731
                         n_levels=cfg.levels, n_steps=cfg.steps, hidden=cfg.hidden, parts=cfg.parts,
                         n_bits=cfg.n_bits, part_prior=cfg.part_prior, prior_bound=cfg.prior_bound)
-    with torch.device("meta"):  # shapes only: nothing is allocated or drawn
-        n, device = sum(p.numel() for p in glow().parameters()), torch.device(cfg.device)
-    memory = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else
-              os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    if 16 * n > memory:
-        raise UsageError(f"--levels {cfg.levels} --steps {cfg.steps} --hidden {cfg.hidden}: {n:,} parameters "
-                         f"need {16 * n / 2 ** 30:,.0f} GiB to train, {device} has {memory / 2 ** 30:,.0f}")
+    with torch.device("meta"):  # shapes only: weights, gradients, Adam's 2 moments take 16 bytes a parameter
+        need = 16 * sum(p.numel() for p in glow().parameters())  # (a GPU: torch's OutOfMemoryError says it)
+    if cfg.device == "cpu" and need > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
+        raise UsageError(f"--levels {cfg.levels} --steps {cfg.steps} --hidden {cfg.hidden}: "
+                         f"{need / 2 ** 30:,.0f} GiB to train, more than this machine's memory")
     torch.manual_seed(cfg.seed)
     model = glow().to(cfg.device, memory_format=torch.channels_last)
     if cfg.compile:  # a graph per part, grad mode and batch size; static shapes; reverse, sample: eager
@@ -710,32 +685,24 @@ def build_model(cfg):
 def prepare_data(cfg):
     """(train, test) uint8 images of the dataset named in cfg, subset and resized."""
     train, test = load_images(cfg.dataset, cfg.data_dir)
-    for flag, n, images, split in (("subset", cfg.subset, train, "training"),
-                                   ("test-subset", cfg.test_subset, test, "test")):
-        if (n or 0) > len(images):
-            raise UsageError(f"--{flag} {n}: {cfg.dataset} has only {len(images)} {split} images")
     return resize(train[:cfg.subset], cfg.image_size), resize(test[:cfg.test_subset], cfg.image_size)
 
 def write_atomic(path, data):
-    """Write bytes to path through a temporary file and a rename: a reader (or a resume) sees the old file
-    or the new one, never half of one. A failed write (a full disk) names the file, leaves no temporary."""
+    """Bytes to path via a temporary file and a rename: a reader sees the old file or the new, never half."""
     try:
         with open(f"{path}.tmp", "wb") as f:
             f.write(data)
         os.replace(f"{path}.tmp", path)
-    except OSError as e:
-        e.filename = path  # the file being written, not its temporary (and a failed write() names none)
-        raise
-    finally:
+    except OSError as e:  # named: the file being written, not its temporary (a failed write() names none)
         if os.path.isfile(f"{path}.tmp"):
             os.remove(f"{path}.tmp")
+        raise OSError(e.errno, e.strerror, path) from None
 
 def metrics_text(history):
     return "".join(json.dumps(m) + "\n" for m in history)
 
 CHECKPOINT = {"config": dict, "model": dict, "optimizers": list, "rng": dict, "ema": (dict, type(None)),
-              "updates": list, "epoch": int, "seconds": float, "steps": int, "history": list, "scores": list,
-              "continue_with": (str, type(None))}  # the last seven: the Run's own fields
+              "updates": list, "epoch": int, "seconds": float, "steps": int, "history": list, "scores": list}
 
 def save_checkpoint(run):
     """Everything a resume needs: the config, weights, every part's Adam, counters, RNG, metrics, scores."""
@@ -749,81 +716,75 @@ def save_checkpoint(run):
 
 def load_checkpoint(path):
     """The checkpoint at path, checked whole before anything is built from it, or a UsageError naming why."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--resume: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"--resume: {path} is corrupt or unreadable ({type(e).__name__})") from None
-    ckpt = ckpt if isinstance(ckpt, dict) else {}
-    wrong = [k for k, kind in CHECKPOINT.items() if not isinstance(ckpt.get(k), kind)]
-    if wrong or not isinstance(ckpt["rng"].get("cpu"), torch.ByteTensor):
-        raise UsageError(f"--resume: {path} lacks or has a malformed {', '.join(wrong or ['rng'])}")
-    odd = sorted({f.name for f in fields(Config)} ^ set(ckpt["config"]))
-    try:
+        ckpt = ckpt if isinstance(ckpt, dict) else {}
+        wrong = [k for k, kind in CHECKPOINT.items() if not isinstance(ckpt.get(k), kind)]
+        if wrong or not isinstance(ckpt["rng"].get("cpu"), torch.ByteTensor):
+            raise UsageError(f"it lacks or has a malformed {', '.join(wrong or ['rng'])}")
+        odd = sorted({f.name for f in fields(Config)} ^ set(ckpt["config"]))
         if odd:
-            raise UsageError(f"it lacks or has unknown settings: {', '.join(odd)}")
-        Config(**ckpt["config"])
+            raise UsageError(f"its config lacks or has unknown settings: {', '.join(odd)}")
+        Config(**ckpt["config"])  # each setting checked, as a flag is
+        h, steps, updates, epoch = ckpt["history"], ckpt["steps"], ckpt["updates"], ckpt["epoch"]
+        last = h[-1] if h else {"steps": 0, "seconds": 0.0}
+        if ([m["epoch"] for m in h] != list(range(1, epoch + 1)) or len(ckpt["scores"]) != epoch
+                or [steps, ckpt["seconds"]] != [last["steps"], last["seconds"]]
+                or not all(type(u) is int and 0 <= u <= steps for u in updates) or sum(updates) < steps):
+            raise UsageError("its epoch, steps, seconds or updates do not match its history")
+        tensors = [*ckpt["model"].values(), *(ckpt["ema"] or {}).values(), *ckpt["scores"],
+                   *(t for o in ckpt["optimizers"] for s in o["state"].values() for t in s.values())]
+        if not all(t.isfinite().all() for t in tensors if t.is_floating_point()):
+            raise UsageError("it holds a NaN or an infinite value")
     except UsageError as e:
-        raise UsageError(f"--resume: the config in {path} is not valid ({e})") from None
-    h, steps, updates, epoch = ckpt["history"], ckpt["steps"], ckpt["updates"], ckpt["epoch"]
-    last = h[-1] if h and isinstance(h[-1], dict) else {"steps": 0, "seconds": 0.0}
-    if ([m.get("epoch") if isinstance(m, dict) else m for m in h] != list(range(1, epoch + 1))
-            or len(ckpt["scores"]) != epoch or [steps, ckpt["seconds"]] != [last["steps"], last["seconds"]]
-            or not all(type(u) is int and 0 <= u <= steps for u in updates) or sum(updates) < steps):
-        raise UsageError(f"--resume: {path}: its epoch, steps, seconds or updates do not match its history")
-    tensors = [*ckpt["model"].values(), *(ckpt["ema"] or {}).values(), *ckpt["scores"],
-               *(t for o in ckpt["optimizers"] for s in o.get("state", {}).values() for t in s.values())]
-    if not all(t.isfinite().all() for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()):
-        raise UsageError(f"--resume: {path} holds a NaN or an infinite value")
+        raise UsageError(f"--resume: {path}: {e}") from None
+    except FileNotFoundError:
+        raise UsageError(f"--resume: no checkpoint at {path}") from None
+    except Exception as e:  # not a checkpoint, or one that does not hold what it says
+        raise UsageError(f"--resume: {path} is corrupt or malformed ({type(e).__name__})") from None
     return ckpt
 
 def start_run(cfg, data=None, ckpt=None):
-    """(run before its first step, (train, test) images): restored from a checked ckpt (the run in cfg.out),
-    or fresh, seeded by cfg.seed alone: every mechanism of a seed starts from the same weights."""
+    """(run before its first step, (train, test) images): fresh, seeded by cfg.seed alone (every mechanism of
+    a seed starts from the same weights), or the run in cfg.out restored from its checked checkpoint."""
+    train_images, test_images = data if data is not None else prepare_data(cfg)
     model = build_model(cfg)
     run = Run(cfg, model, make_optimizers(model), updates=[0] * len(model.parts))
-    run.ema = copy.deepcopy(model) if cfg.ema and ckpt else None
-    try:  # a checkpoint that does not fit the model its config builds
-        for module, key in ((model, "model"), (run.ema, "ema")) if ckpt else ():
-            if module is not None:
-                module.load_state_dict(ckpt[key])
-        if ckpt and not len(ckpt["optimizers"]) == len(ckpt["updates"]) == len(model.parts):
-            raise ValueError(f"{len(ckpt['optimizers'])} optimizer states for {len(model.parts)} parts")
-        for optimizer, state in zip(run.optimizers, ckpt["optimizers"] if ckpt else []):
-            optimizer.load_state_dict(state)
-            moments = [(p, v) for p, state in optimizer.state.items() for v in state.values() if v.dim()]
-            if any(v.shape != p.shape for p, v in moments):
-                raise ValueError("an Adam moment does not have its parameter's shape")
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        detail = next(line.strip() for line in str(e).splitlines()[1:] + [str(e)] if line.strip())
-        raise UsageError(f"--resume: the checkpoint does not fit its config ({detail})") from None
-    train_images, test_images = data if data is not None else prepare_data(cfg)
-    if len(train_images) < cfg.batch_size:
-        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(train_images)} images")
-    metrics = os.path.join(cfg.out, "metrics.jsonl") if cfg.out else None
-    if ckpt:
-        for key in list(CHECKPOINT)[5:]:  # the counters, history, scores, and what continues the run
-            setattr(run, key, ckpt[key])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if torch.device(cfg.device).type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], cfg.device)
-        text = metrics_text(run.history)
-        if not text.startswith(open(metrics).read() if metrics and os.path.isfile(metrics) else ""):
-            raise UsageError(f"--resume: {cfg.out}/checkpoint.pt is not the run in {cfg.out}: its history "
-                             f"differs from metrics.jsonl there")
-        if metrics:  # the metrics of every epoch the checkpoint holds, also where a stop lost the last
-            write_atomic(metrics, text.encode())
-    else:
+    if not ckpt:
         model.initialize(preprocess(train_images[:INIT_BATCH].to(cfg.device), cfg.n_bits,
                                     generator=torch.Generator(device=cfg.device).manual_seed(cfg.seed)))
         torch.manual_seed(cfg.seed)  # every mechanism sees the same dequantization noise
-        run.ema = copy.deepcopy(model) if cfg.ema else None
+    run.ema = copy.deepcopy(model) if cfg.ema else None
+    if not ckpt:
+        return run, (train_images, test_images)
+    try:  # a checkpoint that does not fit the model its config builds
+        for module, key in ((model, "model"), (run.ema, "ema")):
+            if module is not None:
+                module.load_state_dict(ckpt[key])
+        if not len(ckpt["optimizers"]) == len(ckpt["updates"]) == len(model.parts):
+            raise ValueError(f"{len(ckpt['optimizers'])} optimizer states for {len(model.parts)} parts")
+        for optimizer, state in zip(run.optimizers, ckpt["optimizers"]):
+            optimizer.load_state_dict(state)
+            if any(v.shape != p.shape for p, s in optimizer.state.items() for v in s.values() if v.dim()):
+                raise ValueError("an Adam moment does not have its parameter's shape")
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        where = str(e).strip().splitlines()[-1].strip()  # the last line says where
+        raise UsageError(f"--resume: the checkpoint does not fit its config ({where})") from None
+    for key in list(CHECKPOINT)[5:]:  # the Run's own fields: its counters, history and scores
+        setattr(run, key, ckpt[key])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if torch.device(cfg.device).type == "cuda" and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], cfg.device)
+    metrics, text = os.path.join(cfg.out, "metrics.jsonl") if cfg.out else None, metrics_text(run.history)
+    if not text.startswith(open(metrics).read() if metrics and os.path.isfile(metrics) else ""):
+        raise UsageError(f"--resume: {cfg.out}/checkpoint.pt is not the run in {cfg.out}: its history "
+                         f"differs from metrics.jsonl there")
+    if metrics:  # the metrics of every epoch the checkpoint holds, also where a stop lost the last
+        write_atomic(metrics, text.encode())
     return run, (train_images, test_images)
 
 # -----------------------------------------------------------------------------
-# Data parallel under torchrun, for every mechanism. Nothing above knows about processes: train() takes
-# the rows of a batch to train on, and this section averages the gradients from outside.
+# Data parallel under torchrun (train_command): train() takes its rows of a batch; these average gradients.
 
 def torchrun_env():
     """(rank, local rank, number of processes) under torchrun; (0, 0, 1) otherwise, whatever else is set."""
@@ -850,30 +811,15 @@ def init_distributed(cfg, local_rank):
     torch.distributed.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     return cfg
 
-def train_data_parallel(cfg, ckpt, resume, log):
-    """Every process holds the whole model (the same seed, init and random numbers) and trains on its rows
-    of each global batch; before a part's optimizer steps, its gradients are averaged. Process 0 writes."""
-    rank, local_rank, world = torchrun_env()
-    if cfg.batch_size % world:
-        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) does not divide among {world}")
-    with claim_run_dir(cfg.out, resume) if rank == 0 else open(os.devnull):  # before anyone is waited for
-        cfg = init_distributed(replace(cfg, out=None if rank else cfg.out), local_rank)  # process 0 writes
-        run, data = start_run(cfg, ckpt=ckpt)
-        for optimizer in run.optimizers:
-            optimizer.register_step_pre_hook(average_gradients)
-        return train(run, data, log, shard=slice(rank, None, world))
-
 # -----------------------------------------------------------------------------
-# Command line: the flags are Config's fields. Every command keeps the same promises: one writer per
-# directory, nothing written is lost, anything wrong is one line and a non-zero exit.
+# Command line: Config's fields as flags; one writer per directory, nothing lost, any failure one line.
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage too)
         raise UsageError(message)
 
 def make_parser(description, without=()):
-    """The flags of Config's fields but those `without`; one not given takes Config's default (on --resume,
-    the checkpoint's). --parts 32,16,16,32; --lr 1e-3 or one per part; --prior-bound 0: no bound."""
+    """Config's fields but those `without` as flags; one not given keeps Config's (--resume: the run's)."""
     p = Parser(description=description, allow_abbrev=False)  # --mode is not --modes
     parse = {"parts": lambda t: [int(v) for v in t.split(",")], "prior_bound": lambda t: float(t) or None,
              "lr": lambda t: [float(v) for v in t.split(",")]}
@@ -908,20 +854,12 @@ def config_from_args(args, log=print):
     """(Config, checkpoint or None) from parsed flags (on --resume: resume_config's), checked but for data."""
     given = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
     given.setdefault("out", f"runs/{given.get('dataset', 'cifar10')}-{given.get('mode', 'alternate')}")
-    resume = getattr(args, "resume", False)
-    ckpt = load_checkpoint(os.path.join(given["out"], "checkpoint.pt")) if resume else None
-    if ckpt and ckpt["continue_with"]:
-        raise UsageError(f"--out {given['out']}: this run is continued by its experiment's command: "
-                         f"{ckpt['continue_with']}")
+    ckpt = load_checkpoint(f"{given['out']}/checkpoint.pt") if getattr(args, "resume", False) else None
     cfg = resume_config(ckpt, given, log) if ckpt else Config(**given)
-    try:
-        if torch.device(cfg.device).type not in ("cpu", "cuda", "mps"):
-            raise RuntimeError("only cpu, cuda and mps are supported")
-        torch.empty(0, device=cfg.device)  # the device exists here
-    except (RuntimeError, AssertionError) as e:
+    try:  # the device is here and holds data (meta, say, holds shapes only)
+        torch.zeros(1, device=cfg.device).cpu()
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
         raise UsageError(f"--device {cfg.device}: not usable here ({str(e).splitlines()[0]})") from None
-    if cfg.epochs + cfg.finetune == 0:
-        raise UsageError("nothing to train: give --epochs (and --finetune)")
     return cfg, ckpt
 
 def claim_run_dir(out, resume=False, hint="continue the run there with --resume, or choose another --out"):
@@ -935,11 +873,10 @@ def claim_run_dir(out, resume=False, hint="continue the run there with --resume,
         raise UsageError(f"--out {out} is in use by another run: wait, or choose another --out") from None
     except OSError as e:
         raise UsageError(f"--out {out}: cannot create or write it ({e.strerror or e})") from None
-    held = sorted(name for name in os.listdir(out) if name != ".lock" and not name.endswith(".tmp"))
-    if held and not resume:
+    has = sorted(name for name in os.listdir(out) if name != ".lock" and not name.endswith(".tmp"))
+    if has and not resume:
         lock.close()
-        raise UsageError(f"--out {out} already holds {', '.join(held[:3])}{', ...' * (len(held) > 3)}: "
-                         f"{hint}")
+        raise UsageError(f"--out {out} already holds {', '.join(has[:3])}{', ...' * (len(has) > 3)}: {hint}")
     return lock
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -951,20 +888,17 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
 def checkpoint_note(out):
-    """The truth about what a stopped command leaves in out, for its last line."""
-    runs = glob.glob(os.path.join(glob.escape(out), "**", "checkpoint.pt"), recursive=True) if out else []
+    """The truth about what a stopped run leaves in out, for its last line."""
     try:
         epoch = torch.load(os.path.join(out, "checkpoint.pt"), mmap=True, weights_only=True)["epoch"]
         return f"the checkpoint of epoch {epoch} in {out} is kept"
     except Exception:  # this is an error path already: say what is there, raise nothing new
-        return f"the last checkpoint of each of its {len(runs)} runs under {out} is kept" if runs else \
-            "no checkpoint was written"
+        return "no checkpoint was written"
 
 def command(prog, work, argv=None):
-    """The one failure handler of every command here: run work(argv, where) and return the exit code. Bad
-    input (UsageError): 2. A run that cannot go on (RunStopped; a disk, a path or the memory failed): 1.
-    Ctrl-C / SIGTERM: 130 / 143. Each is one line, ending with what is kept in where["out"] (work sets it
-    as soon as it knows it). Anything else is a bug, and its traceback is the report."""
+    """The one failure handler: work(argv, where), then an exit code and one line. Bad input (UsageError): 2;
+    a run that cannot go on (RunStopped; a disk, path or memory failed): 1; Ctrl-C, SIGTERM: 130, 143; the
+    line says what is kept in where["out"] (where["note"] or checkpoint_note). A bug: its traceback."""
     rank, _, world = torchrun_env()  # under torchrun, SIGTERM ends a process at once, even while it waits
     handlers = [signal.signal(s, signal.SIG_DFL if world > 1 and s == signal.SIGTERM else interrupt)
                 for s in SIGNALS]
@@ -975,15 +909,12 @@ def command(prog, work, argv=None):
     except (UsageError, RunStopped, OSError, MemoryError, torch.OutOfMemoryError, KeyboardInterrupt) as e:
         for s in SIGNALS:  # a second signal must not cut the last line short
             signal.signal(s, lambda *args: None)
-        kept = checkpoint_note(where.get("out"))
-        if isinstance(e, UsageError):
-            code, line = 2, f"error: {e}"
-        elif isinstance(e, KeyboardInterrupt):
-            code, line = (143, "SIGTERM") if e.args == (signal.SIGTERM,) else (130, "Ctrl-C")
-            line = f"interrupted ({line}); {kept}"
-        else:  # the run cannot go on, or the disk, a path or the memory failed
-            why = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) else e
-            code, line = 1, f"stopped: {why}; {kept}"
+        kept = where.get("note", checkpoint_note)(where.get("out"))
+        why = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) else e  # OSError: a disk or path failed
+        code = (2 if isinstance(e, UsageError) else 1 if not isinstance(e, KeyboardInterrupt) else
+                143 if e.args == (signal.SIGTERM,) else 130)
+        line = {2: f"error: {e}", 1: f"stopped: {why}; {kept}", 130: f"interrupted (Ctrl-C); {kept}",
+                143: f"interrupted (SIGTERM); {kept}"}[code]
         if rank == 0 or code == 1:  # under torchrun, process 0 reports bad input
             print(f"{prog}: {line}", file=sys.stderr)
         return code
@@ -996,16 +927,20 @@ def command(prog, work, argv=None):
 def train_command(argv, where):
     """Train a run, or continue one (--resume); data parallel under torchrun."""
     p = make_parser("Glow in gradient-isolated parts: full, alternate, sequential or parallel, + finetuning.")
-    p.add_argument("--resume", action="store_true", help=f"continue the run in --out; it may change "
-                                                         f"{flags(RESUMABLE)}")
-    args = p.parse_args(argv)
-    log = print if torchrun_env()[0] == 0 else (lambda *a: None)
+    p.add_argument("--resume", action="store_true", help=f"continue --out's run, changing {flags(RESUMABLE)}")
+    args, (rank, local_rank, world) = p.parse_args(argv), torchrun_env()
+    log = print if rank == 0 else (lambda *a: None)
     cfg, ckpt = config_from_args(args, log)
     where["out"] = cfg.out
-    if torchrun_env()[2] > 1:
-        return train_data_parallel(cfg, ckpt, args.resume, log)
-    with claim_run_dir(cfg.out, args.resume):  # before any data is loaded
-        return train(*start_run(cfg, ckpt=ckpt), log)
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) does not divide among {world}")
+    with claim_run_dir(cfg.out, args.resume) if rank == 0 else open(os.devnull):  # before any data loads
+        if world > 1:  # every process holds the whole model (the same seed, init, random numbers); 0 writes
+            cfg = init_distributed(replace(cfg, out=None if rank else cfg.out), local_rank)
+        run, data = start_run(cfg, ckpt=ckpt)
+        for optimizer in run.optimizers if world > 1 else []:  # each process trains on its rows of a batch
+            optimizer.register_step_pre_hook(average_gradients)
+        return train(run, data, log, shard=slice(rank, None, world))
 
 def main(argv=None):
     return command("glow_parts.py", train_command, argv)

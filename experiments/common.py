@@ -4,9 +4,9 @@ experiment (its lock over all of them, its plan, the command that continues them
 step holds and sends, result files, tables and the equal-time lookups.
 """
 import contextlib
+import glob
 import json
 import os
-import shlex
 import statistics
 import sys
 from dataclasses import asdict, replace
@@ -27,9 +27,11 @@ def lab_config(args, name, log=print):
     return gp.config_from_args(args, log)[0]
 
 
-def continue_with(script, argv):
-    """The command line that continues an experiment, stored in each of its runs' checkpoints."""
-    return shlex.join(["python", f"experiments/{script}", *(sys.argv[1:] if argv is None else argv)])
+def runs_note(out):
+    """What a stopped experiment leaves in out, for gp.command's last line (as where["note"])."""
+    runs = glob.glob(os.path.join(glob.escape(out), "**", "checkpoint.pt"), recursive=True) if out else []
+    return f"the last checkpoint of each of its {len(runs)} runs under {out} is kept" if runs else \
+        "no checkpoint was written"
 
 
 def claim_experiment(out, plan, run_dirs):
@@ -67,15 +69,13 @@ def plan_of(cfg, **more):
     return json.loads(json.dumps({"config": config, **more}))
 
 
-def experiment_run(cfg, data, command, log=print):
+def experiment_run(cfg, data, log=print):
     """Train the experiment's run in cfg.out (claimed by claim_experiment): from its seed's start (the same
     for every mechanism), or on from its checkpoint where the experiment was stopped (with more epochs where
     it grew; a finished one as it is)."""
     os.makedirs(cfg.out, exist_ok=True)
     path = os.path.join(cfg.out, "checkpoint.pt")
     ckpt = gp.load_checkpoint(path) if os.path.exists(path) else None
-    if ckpt and not ckpt["continue_with"]:
-        raise gp.UsageError(f"{cfg.out} holds a run that is not an experiment's; move it away")
     if ckpt:
         saved = gp.Config(**ckpt["config"])
         given = {k: v for k, v in asdict(cfg).items() if v is not None}
@@ -83,7 +83,6 @@ def experiment_run(cfg, data, command, log=print):
                                                                                              saved.finetune)
         cfg = replace(saved, out=cfg.out) if done else gp.resume_config(ckpt, given, log)
     run, _ = gp.start_run(cfg, data, ckpt)
-    run.continue_with = command
     return gp.train(run, data, log)
 
 

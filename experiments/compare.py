@@ -18,11 +18,11 @@ import os
 import sys
 from dataclasses import asdict, replace
 
-from common import (at_time, claim_experiment, continue_with, experiment_run, few_images, gp, lab_config,
-                    markdown_table, plan_of, smoothed_final, step_costs, write_results)
+from common import (at_time, claim_experiment, experiment_run, few_images, gp, lab_config,
+                    markdown_table, plan_of, runs_note, smoothed_final, step_costs, write_results)
 
 
-def compare(cfg, modes=("full", "alternate"), command="", log=print):
+def compare(cfg, modes=("full", "alternate"), log=print):
     """Train (or continue) each mechanism from the same initial weights, data order and seed into
     cfg.out/<mode>; write compare.json/png and return the summary."""
     shared, data = gp.start_run(replace(cfg, out=None))  # the initialised model every run starts from
@@ -34,7 +34,7 @@ def compare(cfg, modes=("full", "alternate"), command="", log=print):
         log(f"--- {mode}")
         moved = cfg.finetune if mode == "full" else 0  # full trains the finetuning epochs as its own
         run = experiment_run(replace(cfg, mode=mode, out=os.path.join(cfg.out, mode), epochs=cfg.epochs + moved,
-                                     finetune=cfg.finetune - moved), data, command, log)
+                                     finetune=cfg.finetune - moved), data, log)
         last, mechanism = run.history[-1], run.history[run.cfg.epochs - 1]  # the end, and the mechanism's
         runs.append({"name": mode if mode == "full" or not cfg.finetune else f"{mode}+finetune", "mode": mode,
                      "epochs": run.cfg.epochs, "finetune": run.cfg.finetune, "final_test_bpd": last["test_bpd"],
@@ -113,12 +113,12 @@ def run_compare(argv, where):
         raise gp.UsageError("the comparison times the mechanisms in one process: run it without torchrun")
     modes = args.modes
     cfg = lab_config(args, "compare")
-    where["out"] = cfg.out
+    where["out"], where["note"] = cfg.out, runs_note
     if cfg.epochs == 0:
         raise gp.UsageError("the comparison times each mechanism's own epochs: give --epochs >= 1")
     dirs = [os.path.join(cfg.out, mode) for mode in modes]
     with claim_experiment(cfg.out, plan_of(cfg, modes=modes), dirs):  # the same command continues it
-        return compare(cfg, modes, continue_with("compare.py", argv))
+        return compare(cfg, modes)
 
 
 if __name__ == "__main__":

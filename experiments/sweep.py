@@ -28,8 +28,8 @@ from dataclasses import asdict, replace
 import numpy as np
 
 import stats
-from common import (claim_experiment, continue_with, experiment_run, gp, lab_config, markdown_table, plan_of,
-                    read_curve, write_results)
+from common import (claim_experiment, experiment_run, gp, lab_config, markdown_table, plan_of,
+                    read_curve, runs_note, write_results)
 
 
 def branch(trunk_out, out, epoch):
@@ -51,7 +51,7 @@ def largest_rise(curve, key):
     return top
 
 
-def sweep(cfg, splits, seeds, command, timing=None, log=print):
+def sweep(cfg, splits, seeds, timing=None, log=print):
     """Train (or continue) every run of the sweep into cfg.out; write sweep.json, sweep.png and
     sweep-scores.npz (the per-image scores every statistic is computed from)."""
     budgets, seeds_data, arrays = sorted({A + F for A, F in splits}), [], {}
@@ -71,7 +71,7 @@ def sweep(cfg, splits, seeds, command, timing=None, log=print):
             curve = read_curve(c.out)
             if len(curve) < end or whole is not None and str(end) not in ends:
                 log(f"--- seed {seed}: {name}, to epoch {end}")
-                r = experiment_run(c, data, command, log)
+                r = experiment_run(c, data, log)
                 curve = r.history
                 if whole is not None:
                     test = gp.evaluate_run(r, whole)
@@ -284,7 +284,7 @@ def run_sweep(argv, where):
     if not splits:
         raise gp.UsageError("give --budgets and/or --splits")
     cfg = replace(lab_config(args, "sweep"), epochs=1, finetune=0)
-    where["out"] = cfg.out
+    where["out"], where["note"] = cfg.out, runs_note
     budgets = sorted({A + F for A, F in splits})
     if cfg.decay and budgets != [cfg.decay]:
         raise gp.UsageError(f"--decay {cfg.decay} ends every rate at epoch {cfg.decay}: give that one budget, "
@@ -292,7 +292,7 @@ def run_sweep(argv, where):
     dirs = [os.path.join(cfg.out, f"seed{s}", name) for s in seeds for name in
             ["full", "alternate", *(f"alternate{A}+finetune{F}" for A, F in splits)]]
     with claim_experiment(cfg.out, plan_of(replace(cfg, seed=0)), dirs):  # seeds, budgets and splits may grow
-        return sweep(cfg, splits, seeds, continue_with("sweep.py", argv), timing and json.load(open(timing)))
+        return sweep(cfg, splits, seeds, timing and json.load(open(timing)))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Run from the repository root: python -m pytest -q test_glow_parts.py experiments
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,9 +107,6 @@ def test_a_comparison_holds_every_run_it_writes_and_the_same_command_continues_i
     assert "in use by another run" in one_error_line(capsys, "glow_parts.py")
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert gp.main(TINY + ["--epochs", "9", "--resume", "--out", str(out / "full")]) == 2  # not alone: through it
-    assert "continued by its experiment's command: python experiments/compare.py" in one_error_line(capsys,
-                                                                                                   "glow_parts.py")
     assert gp.command("compare.py", compare.run_compare, args + ["--out", str(out)]) == 0
     straight, resumed = (json.loads((d / "compare.json").read_text())["runs"] for d in (tmp_path / "straight", out))
     assert [without_seconds(r["curve"]) for r in resumed] == [without_seconds(r["curve"]) for r in straight]
@@ -174,13 +172,15 @@ def test_a_sweep_killed_at_any_point_continues_with_the_same_command_and_loses_n
     args = TINY + ["--budgets", "3,6", "--seeds", "0,1", "--test-subset", "100"]
     assert gp.command("sweep.py", sweep.run_sweep, args + ["--out", str(tmp_path / "straight")]) == 0
     out = tmp_path / "killed"
-    for n_checkpoints in (1, 4):  # killed twice, at different points; the third command finishes
+    for n_checkpoints, how in ((1, signal.SIGKILL), (4, signal.SIGTERM)):  # stopped twice; the third command finishes
         proc = subprocess.Popen([sys.executable, "experiments/sweep.py", *args, "--out", str(out)], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         while len(list(out.glob("seed*/*/metrics.jsonl"))) < n_checkpoints and proc.poll() is None:
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL
+        proc.send_signal(how)
+        assert proc.wait() == (-signal.SIGKILL if how == signal.SIGKILL else 143)
+    assert re.fullmatch(rf"sweep.py: interrupted \(SIGTERM\); the last checkpoint of each of its \d+ runs under "
+                        rf"{re.escape(str(out))} is kept\n", proc.stderr.read())
     for leftover in ("plan.json.tmp", "seed1/alternate4+finetune2/checkpoint.pt.tmp"):  # killed amid a copy or a plan
         (out / leftover).parent.mkdir(parents=True, exist_ok=True)
         (out / leftover).write_text("half")
@@ -208,8 +208,6 @@ def test_a_sweep_refuses_another_plan_a_plain_run_inside_it_and_bad_splits(tmp_p
                         (TINY + ["--budgets", "3", "--epochs", "3", "--out", out], "--epochs")):
         assert gp.command("sweep.py", sweep.run_sweep, argv) == 2
         one_error_line(capsys, "sweep.py")
-    assert gp.main(TINY + ["--epochs", "5", "--resume", "--out", f"{out}/seed0/full"]) == 2
-    assert "continued by its experiment's command" in capsys.readouterr().err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "mine.txt").write_text("x")
     assert gp.command("sweep.py", sweep.run_sweep, TINY + ["--budgets", "3", "--out", str(tmp_path / "other")]) == 2
