@@ -671,7 +671,7 @@ def build_model(cfg):
                         n_bits=cfg.n_bits, part_prior=cfg.part_prior, prior_bound=cfg.prior_bound)
     with torch.device("meta"):  # shapes only: weights, gradients, Adam's 2 moments take 16 bytes a parameter
         need = 16 * sum(p.numel() for p in glow().parameters())  # (a GPU: torch's OutOfMemoryError says it)
-    if cfg.device == "cpu" and need > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
+    if "cuda" not in cfg.device and need > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
         raise UsageError(f"--levels {cfg.levels} --steps {cfg.steps} --hidden {cfg.hidden}: "
                          f"{need / 2 ** 30:,.0f} GiB to train, more than this machine's memory")
     torch.manual_seed(cfg.seed)
@@ -694,9 +694,10 @@ def write_atomic(path, data):
             f.write(data)
         os.replace(f"{path}.tmp", path)
     except OSError as e:  # named: the file being written, not its temporary (a failed write() names none)
+        raise OSError(e.errno, e.strerror, path) from None
+    finally:  # a failed or interrupted write leaves no temporary
         if os.path.isfile(f"{path}.tmp"):
             os.remove(f"{path}.tmp")
-        raise OSError(e.errno, e.strerror, path) from None
 
 def metrics_text(history):
     return "".join(json.dumps(m) + "\n" for m in history)
@@ -738,38 +739,36 @@ def load_checkpoint(path):
             raise UsageError("it holds a NaN or an infinite value")
     except UsageError as e:
         raise UsageError(f"--resume: {path}: {e}") from None
-    except FileNotFoundError:
-        raise UsageError(f"--resume: no checkpoint at {path}") from None
-    except Exception as e:  # not a checkpoint, or one that does not hold what it says
-        raise UsageError(f"--resume: {path} is corrupt or malformed ({type(e).__name__})") from None
+    except Exception as e:  # none there, not a checkpoint, or one that does not hold what it says
+        raise UsageError(f"--resume: no sound checkpoint at {path} ({type(e).__name__})") from None
     return ckpt
 
 def start_run(cfg, data=None, ckpt=None):
     """(run before its first step, (train, test) images): fresh, seeded by cfg.seed alone (every mechanism of
     a seed starts from the same weights), or the run in cfg.out restored from its checked checkpoint."""
-    train_images, test_images = data if data is not None else prepare_data(cfg)
-    model = build_model(cfg)
+    model = build_model(cfg)  # (a model that cannot train is refused here, before any data loads)
     run = Run(cfg, model, make_optimizers(model), updates=[0] * len(model.parts))
-    if not ckpt:
-        model.initialize(preprocess(train_images[:INIT_BATCH].to(cfg.device), cfg.n_bits,
-                                    generator=torch.Generator(device=cfg.device).manual_seed(cfg.seed)))
-        torch.manual_seed(cfg.seed)  # every mechanism sees the same dequantization noise
-    run.ema = copy.deepcopy(model) if cfg.ema else None
-    if not ckpt:
-        return run, (train_images, test_images)
+    run.ema = copy.deepcopy(model) if cfg.ema and ckpt else None  # a fresh run's: after its init, below
     try:  # a checkpoint that does not fit the model its config builds
-        for module, key in ((model, "model"), (run.ema, "ema")):
+        for module, key in ((model, "model"), (run.ema, "ema")) if ckpt else ():
             if module is not None:
                 module.load_state_dict(ckpt[key])
-        if not len(ckpt["optimizers"]) == len(ckpt["updates"]) == len(model.parts):
+        if ckpt and not len(ckpt["optimizers"]) == len(ckpt["updates"]) == len(model.parts):
             raise ValueError(f"{len(ckpt['optimizers'])} optimizer states for {len(model.parts)} parts")
-        for optimizer, state in zip(run.optimizers, ckpt["optimizers"]):
+        for optimizer, state in zip(run.optimizers, ckpt["optimizers"] if ckpt else []):
             optimizer.load_state_dict(state)
             if any(v.shape != p.shape for p, s in optimizer.state.items() for v in s.values() if v.dim()):
                 raise ValueError("an Adam moment does not have its parameter's shape")
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        where = str(e).strip().splitlines()[-1].strip()  # the last line says where
-        raise UsageError(f"--resume: the checkpoint does not fit its config ({where})") from None
+        detail = str(e).strip().splitlines()[-1].strip()  # the last line says where
+        raise UsageError(f"--resume: the checkpoint does not fit its config ({detail})") from None
+    train_images, test_images = data if data is not None else prepare_data(cfg)
+    if not ckpt:
+        model.initialize(preprocess(train_images[:INIT_BATCH].to(cfg.device), cfg.n_bits,
+                                    generator=torch.Generator(device=cfg.device).manual_seed(cfg.seed)))
+        torch.manual_seed(cfg.seed)  # every mechanism sees the same dequantization noise
+        run.ema = copy.deepcopy(model) if cfg.ema else None
+        return run, (train_images, test_images)
     for key in list(CHECKPOINT)[5:]:  # the Run's own fields: its counters, history and scores
         setattr(run, key, ckpt[key])
     torch.set_rng_state(ckpt["rng"]["cpu"])

@@ -672,7 +672,7 @@ def test_a_directory_is_continued_only_by_its_command_and_never_silently_replace
     refused = {  # flags -> what the one line says
         f"--epochs 2 --out {run}": "already holds checkpoint.pt",  # a fresh run never replaces one
         f"--epochs 1 --out {tmp_path / 'leftovers'}": "already holds metrics.jsonl",
-        f"--epochs 2 --resume --out {tmp_path / 'leftovers'}": "no checkpoint",
+        f"--epochs 2 --resume --out {tmp_path / 'leftovers'}": "no sound checkpoint at",
     }
     for flags, match in refused.items():
         assert gp.main(TINY + flags.split()) == 2, flags

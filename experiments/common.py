@@ -1,6 +1,6 @@
 """
 experiments/common.py: what the experiments share and the reference does not need. The runs of an
-experiment (its lock over all of them, its plan, the command that continues them), what a training
+experiment (its lock over all of them, its plan, what a stopped one keeps), what a training
 step holds and sends, result files, tables and the equal-time lookups.
 """
 import contextlib
