@@ -858,7 +858,8 @@ def config_from_args(args, log=print):
     try:  # the device is here and holds data (meta, say, holds shapes only)
         torch.zeros(1, device=cfg.device).cpu()
     except (RuntimeError, AssertionError, NotImplementedError) as e:
-        raise UsageError(f"--device {cfg.device}: not usable here ({str(e).splitlines()[0]})") from None
+        why = " ".join(str(e).split()).split(". ")[0]  # torch's first sentence, on one line
+        raise UsageError(f"--device {cfg.device}: not usable here ({why})") from None
     return cfg, ckpt
 
 def claim_run_dir(out, resume=False, hint="continue the run there with --resume, or choose another --out"):

@@ -592,6 +592,8 @@ BAD = {  # flags (added to TINY --epochs 1 --out <fresh>) -> what the one line m
     "no such device": (["--device", "cuda:7"], "--device"),
     "not a device": (["--device", "toaster"], "--device"),
     "empty device": (["--device", ""], "--device"),
+    "a device torch knows but cannot use here": (["--device", "xla"], "--device xla: not usable here (Could not run"),
+    "a device that holds shapes only": (["--device", "meta"], "--device meta: not usable here (Cannot copy out"),
     "empty out": (["--out", ""], "--out"),
     "empty data dir": (["--data-dir", ""], "--data-dir"),
     "batch larger than data": (["--subset", "16", "--batch-size", "32"], "--batch-size 32 is more than the 16 training images"),
