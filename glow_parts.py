@@ -309,9 +309,8 @@ class Glow(nn.Module):
     @torch.no_grad()
     def initialize(self, x):
         """ActNorm's data init on batch x, in flow order (each sees normalised inputs); loaded ones kept."""
-        for m in self.modules():
-            if isinstance(m, ActNorm):
-                m.data_init = not m.initialized
+        for m in (m for m in self.modules() if isinstance(m, ActNorm)):
+            m.data_init = not m.initialized
         self(x)
 
     def forward(self, x):
@@ -566,9 +565,8 @@ def step_parts(run, learning, decay=1.0):
         run.updates[k] += 1
 
 def train(run, data, log=print, shard=slice(None)):
-    """Train run.cfg's mechanism, then its finetuning, from run's epoch to epochs + finetune: every
-    mechanism is this one loop, and they differ only in which parts learn on a step and in the loss it
-    backpropagates. `shard`: the rows of each batch this process trains on (under data parallel)."""
+    """Train run.cfg's mechanism, then its finetuning: every mechanism is this one loop, differing only in
+    which parts learn on a step and the loss it backpropagates. `shard`: this process's rows of a batch."""
     from tqdm import tqdm
     cfg, model, (train_images, test_images), device = run.cfg, run.model, data, torch.device(run.cfg.device)
     n_parts, epoch_steps = len(model.parts), len(train_images) // cfg.batch_size
@@ -719,20 +717,22 @@ def load_checkpoint(path):
     """The checkpoint at path, checked whole before anything is built from it, or a UsageError naming why."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ckpt = ckpt if isinstance(ckpt, dict) else {}
         wrong = [k for k, kind in CHECKPOINT.items() if not isinstance(ckpt.get(k), kind)]
-        if wrong or not isinstance(ckpt["rng"].get("cpu"), torch.ByteTensor):
+        rng = None if wrong else ckpt["rng"].get("cpu")  # this torch's random state: of its size
+        if wrong or not isinstance(rng, torch.ByteTensor) or rng.shape != torch.get_rng_state().shape:
             raise UsageError(f"it lacks or has a malformed {', '.join(wrong or ['rng'])}")
         odd = sorted({f.name for f in fields(Config)} ^ set(ckpt["config"]))
         if odd:
             raise UsageError(f"its config lacks or has unknown settings: {', '.join(odd)}")
-        Config(**ckpt["config"])  # each setting checked, as a flag is
+        cfg = Config(**ckpt["config"])  # each setting checked, as a flag is
         h, steps, updates, epoch = ckpt["history"], ckpt["steps"], ckpt["updates"], ckpt["epoch"]
         last = h[-1] if h else {"steps": 0, "seconds": 0.0}
+        n_test = cfg.test_subset or DATASETS[cfg.dataset][3]  # the images every evaluation scores
         if ([m["epoch"] for m in h] != list(range(1, epoch + 1)) or len(ckpt["scores"]) != epoch
                 or [steps, ckpt["seconds"]] != [last["steps"], last["seconds"]]
-                or not all(type(u) is int and 0 <= u <= steps for u in updates) or sum(updates) < steps):
-            raise UsageError("its epoch, steps, seconds or updates do not match its history")
+                or not all(type(u) is int and 0 <= u <= steps for u in updates) or sum(updates) < steps
+                or any(s.dtype != torch.float32 or s.shape != (n_test,) for s in ckpt["scores"])):
+            raise UsageError("its epoch, steps, seconds, updates or scores do not match its history")
         tensors = [*ckpt["model"].values(), *(ckpt["ema"] or {}).values(), *ckpt["scores"],
                    *(t for o in ckpt["optimizers"] for s in o["state"].values() for t in s.values())]
         if not all(t.isfinite().all() for t in tensors if t.is_floating_point()):
@@ -754,7 +754,8 @@ def start_run(cfg, data=None, ckpt=None):
             if module is not None:
                 module.load_state_dict(ckpt[key])
         if ckpt and not len(ckpt["optimizers"]) == len(ckpt["updates"]) == len(model.parts):
-            raise ValueError(f"{len(ckpt['optimizers'])} optimizer states for {len(model.parts)} parts")
+            raise ValueError(f"{len(ckpt['optimizers'])} optimizer states, {len(ckpt['updates'])} update "
+                             f"counts, {len(model.parts)} parts")
         for optimizer, state in zip(run.optimizers, ckpt["optimizers"] if ckpt else []):
             optimizer.load_state_dict(state)
             if any(v.shape != p.shape for p, s in optimizer.state.items() for v in s.values() if v.dim()):
@@ -863,8 +864,7 @@ def config_from_args(args, log=print):
     return cfg, ckpt
 
 def claim_run_dir(out, resume=False, hint="continue the run there with --resume, or choose another --out"):
-    """Create `out` and lock it (in a with block): one writer per directory. The lock is the system's (flock):
-    it ends with the process however it ends, kill -9 too. A fresh start needs only it and *.tmp in `out`."""
+    """Create and lock `out` (in a with block; flock ends with the process, kill -9 too): one writer."""
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, ".lock"), "w")

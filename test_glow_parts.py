@@ -856,17 +856,26 @@ def malform(ckpt, how, other=None):
         ckpt["optimizers"][1]["state"][0]["exp_avg_sq"].fill_(float("inf"))
     elif how == "steps that are not its history's":
         ckpt["steps"] += 1
+    elif how == "a random state of another size":
+        ckpt["rng"]["cpu"] = torch.zeros(3, dtype=torch.uint8)
+    elif how == "scores of fewer images than the test set":
+        ckpt["scores"] = [ckpt["scores"][0][:10]]
+    elif how == "integer scores":
+        ckpt["scores"] = [ckpt["scores"][0].long()]
     return ckpt
 
 
 @pytest.mark.parametrize("how,match", [
     ("no rng", "malformed rng"), ("config does not fit the weights", "size mismatch"),
-    ("optimizers do not fit the parts", "parameter group"), ("one optimizer too few", "1 optimizer states"),
+    ("optimizers do not fit the parts", "parameter group"),
+    ("one optimizer too few", "1 optimizer states, 2 update counts, 2 parts"),
+    ("a random state of another size", "malformed rng"), ("scores of fewer images than the test set", "or scores"),
+    ("integer scores", "or scores"),
     ("config lacks a setting", "lacks or has unknown settings: warmup"), ("mode not a mode", "--mode"),
     ("negative hidden", "--hidden"), ("steps not a number", "--steps: want int"),
     ("history not a list", "malformed history"), ("rng not a state", "malformed rng"),
     ("epoch a float", "malformed epoch"), ("updates not ints", "do not match its history"),
-    ("not a dict", "malformed config"), ("negative update counts", "do not match its history"),
+    ("not a dict", "no sound checkpoint at"), ("negative update counts", "do not match its history"),
     ("epoch -5", "do not match its history"), ("history emptied", "do not match its history"),
     ("an Adam moment of another shape", "an Adam moment does not have its parameter's shape"),
     ("a NaN weight", "a NaN or an infinite value"), ("an infinite Adam moment", "a NaN or an infinite value"),
