@@ -157,8 +157,6 @@ def run_benchmark(argv, where):
     if repeats < 1 or gp.torchrun_env()[2] > 1:
         raise gp.UsageError(f"--repeats must be at least 1, got {repeats}" if repeats < 1 else
                             "the benchmark times steps in one process: no torchrun")
-    for name in ("modes", "repeats", "recompute", "balanced"):
-        delattr(args, name)
     cfg = lab_config(args, "benchmark")
     if balanced is not None:
         if not 1 <= balanced <= cfg.levels * cfg.steps:

@@ -73,7 +73,6 @@ def experiment_run(cfg, data, log=print):
     """Train the experiment's run in cfg.out (claimed by claim_experiment): from its seed's start (the same
     for every mechanism), or on from its checkpoint where the experiment was stopped (with more epochs where
     it grew; a finished one as it is)."""
-    os.makedirs(cfg.out, exist_ok=True)
     path = os.path.join(cfg.out, "checkpoint.pt")
     ckpt = gp.load_checkpoint(path) if os.path.exists(path) else None
     if ckpt:
@@ -84,6 +83,16 @@ def experiment_run(cfg, data, log=print):
         cfg = replace(saved, out=cfg.out) if done else gp.resume_config(ckpt, given, log)
     run, _ = gp.start_run(cfg, data, ckpt)
     return gp.train(run, data, log)
+
+
+def largest_rise(curve, key):
+    """(epoch, rise) of the largest rise of curve[key] above its best so far: how far a spike set a run back."""
+    best, top = float("inf"), (None, 0.0)
+    for m in curve:
+        if m[key] - best > top[1]:
+            top = (m["epoch"], m[key] - best)
+        best = min(best, m[key])
+    return top
 
 
 def read_curve(out):

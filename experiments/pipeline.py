@@ -122,7 +122,7 @@ def run_pipeline(argv, where):
     args.mode = "parallel"
     cfg, ckpt = gp.config_from_args(args, log)
     where["out"] = cfg.out
-    if cfg.mode != "parallel" or cfg.finetune or cfg.ema or cfg.decay or cfg.clip:
+    if cfg.finetune or cfg.ema or cfg.decay or cfg.clip:  # (another mode: resume_config refuses it)
         raise gp.UsageError(f"the run in {cfg.out} is not a pipeline's (--mode parallel, no finetuning, averaging, "
                             f"decay or clipping): continue it with glow_parts.py --resume")
     if world != len(cfg.parts):

@@ -21,8 +21,7 @@ import sys
 
 import torch
 
-from common import gp, lab_config
-from sweep import largest_rise
+from common import gp, lab_config, largest_rise
 
 KINDS = {"actnorm": "ActNorm", "invconv": "1x1 conv", "conv3": "coupling output", "coupling": "coupling net",
          "prior": "priors"}  # the first key in a parameter's name names its kind
@@ -121,7 +120,6 @@ def run_spike(argv, where):
     beta2 = args.beta2
     if not 0 < beta2 < 1:
         raise gp.UsageError(f"--beta2: must be in (0, 1), got {beta2}")
-    del args.beta2
     cfg = lab_config(args, "spike")
     where["out"] = cfg.out
     with gp.claim_run_dir(cfg.out, hint="choose another --out"):
@@ -129,7 +127,8 @@ def run_spike(argv, where):
         for optimizer in run.optimizers:
             for group in optimizer.param_groups:
                 group["betas"] = (group["betas"][0], beta2)
-        probe = gp.preprocess(data[1][:256].to(cfg.device), cfg.n_bits, generator=torch.Generator().manual_seed(0))
+        probe = gp.preprocess(data[1][:256].to(cfg.device), cfg.n_bits,
+                              generator=torch.Generator(device=cfg.device).manual_seed(0))
         steps, layers = [], []
         watch(run, steps)
 

@@ -19,8 +19,7 @@ import os
 import statistics
 import sys
 
-from common import gp, markdown_table, read_curve
-from sweep import largest_rise
+from common import gp, largest_rise, markdown_table, read_curve
 
 
 def spikes(conditions, epochs, after, threshold):

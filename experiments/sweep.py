@@ -28,7 +28,7 @@ from dataclasses import asdict, replace
 import numpy as np
 
 import stats
-from common import (claim_experiment, experiment_run, gp, lab_config, markdown_table, plan_of,
+from common import (claim_experiment, experiment_run, gp, lab_config, largest_rise, markdown_table, plan_of,
                     read_curve, runs_note, write_results)
 
 
@@ -41,23 +41,13 @@ def branch(trunk_out, out, epoch):
     gp.write_atomic(os.path.join(out, "checkpoint.pt"), open(os.path.join(trunk_out, "checkpoint.pt"), "rb").read())
 
 
-def largest_rise(curve, key):
-    """(epoch, rise) of the largest rise of curve[key] above its best so far: how far a spike set a run back."""
-    best, top = float("inf"), (None, 0.0)
-    for m in curve:
-        if m[key] - best > top[1]:
-            top = (m["epoch"], m[key] - best)
-        best = min(best, m[key])
-    return top
-
-
 def sweep(cfg, splits, seeds, timing=None, log=print):
     """Train (or continue) every run of the sweep into cfg.out; write sweep.json, sweep.png and
     sweep-scores.npz (the per-image scores every statistic is computed from)."""
     budgets, seeds_data, arrays = sorted({A + F for A, F in splits}), [], {}
     key = "raw_test_bpd" if cfg.ema else "test_bpd"  # spikes are measured on the raw weights
-    data = gp.prepare_data(cfg)  # the same images for every seed, loaded once
-    whole = gp.prepare_data(replace(cfg, test_subset=None))[1] if cfg.test_subset else None
+    train, whole = gp.prepare_data(replace(cfg, test_subset=None))  # the same images for every seed, loaded once
+    data, whole = (train, whole[:cfg.test_subset]), whole if cfg.test_subset else None
     for seed in seeds:
         root, scfg = os.path.join(cfg.out, f"seed{seed}"), replace(cfg, seed=seed)  # every run: the same start
 
@@ -278,7 +268,6 @@ def run_sweep(argv, where):
     if gp.torchrun_env()[2] > 1:
         raise gp.UsageError("the sweep times its runs in one process: run it without torchrun")
     splits, seeds, timing = sorted(set(args.budgets + args.splits)), sorted(set(args.seeds)), args.timing
-    del args.timing
     if timing and not os.path.isfile(timing):
         raise gp.UsageError(f"--timing {timing}: no such file (experiments/timing.py writes it)")
     if not splits:
