@@ -628,9 +628,10 @@ def evaluate(model, images, batch_size, device):
             "test_outlier_share": part_bpd[-1] - rest if worse.any() else 0.0}
 
 def evaluate_run(run, images):
-    """evaluate() of the run's model: with --ema, of the averaged weights, and raw_test_bpd of the raw."""
-    score = lambda model: evaluate(model, images, run.cfg.batch_size, run.cfg.device)  # noqa: E731
-    return {**score(run.ema), "raw_test_bpd": score(run.model)["test_bpd"]} if run.ema else score(run.model)
+    """evaluate() of the run's model; with --ema, of the averages, and the raw weights' mean and median."""
+    raw = evaluate(run.model, images, run.cfg.batch_size, run.cfg.device)
+    return {**evaluate(run.ema, images, run.cfg.batch_size, run.cfg.device), "raw_test_bpd": raw["test_bpd"],
+            "raw_test_median_bpd": raw["test_median_bpd"]} if run.ema else raw
 
 def sync(device):
     """Wait for the device, so that a clock read afterwards times work that has really finished."""

@@ -41,62 +41,18 @@ def branch(trunk_out, out, epoch):
     gp.write_atomic(os.path.join(out, "checkpoint.pt"), open(os.path.join(trunk_out, "checkpoint.pt"), "rb").read())
 
 
-def sweep(cfg, splits, seeds, timing=None, log=print):
-    """Train (or continue) every run of the sweep into cfg.out; write sweep.json, sweep.png and
-    sweep-scores.npz (the per-image scores every statistic is computed from)."""
-    budgets, seeds_data, arrays = sorted({A + F for A, F in splits}), [], {}
-    key = "raw_test_bpd" if cfg.ema else "test_bpd"  # spikes are measured on the raw weights
-    train, whole = gp.prepare_data(replace(cfg, test_subset=None))  # the same images for every seed, loaded once
-    data, whole = (train, whole[:cfg.test_subset]), whole if cfg.test_subset else None
-    for seed in seeds:
-        root, scfg = os.path.join(cfg.out, f"seed{seed}"), replace(cfg, seed=seed)  # every run: the same start
-
-        def run(name, **kw):
-            """Train the run (or continue it) to its end: (its curve, its evaluation there with every image's
-            score). With --test-subset the curve's evaluations use the first N test images, and the end is
-            evaluated on the whole test split (kept in whole-test.json: a rerun neither trains nor evaluates)."""
-            c = replace(scfg, **kw, out=os.path.join(root, name))
-            end, path = c.epochs + c.finetune, os.path.join(c.out, "whole-test.json")
-            ends = json.load(open(path)) if os.path.exists(path) else {}
-            curve = read_curve(c.out)
-            if len(curve) < end or whole is not None and str(end) not in ends:
-                log(f"--- seed {seed}: {name}, to epoch {end}")
-                r = experiment_run(c, data, log)
-                curve = r.history
-                if whole is not None:
-                    test = gp.evaluate_run(r, whole)
-                    ends[str(end)] = {**test, "per_image": test["per_image"].tolist()}
-                    gp.write_atomic(path, json.dumps(ends).encode())
-            return curve[:end], ends[str(end)] if whole is not None else {**curve[end - 1], "per_image": scores(
-                c.out)[end - 1].tolist()}
-
-        full = {N: run("full", mode="full", epochs=N, finetune=0) for N in budgets}  # in stages (resumes are exact)
-        trunk, tuned = {}, {}
-        for A in sorted({A for A, _ in splits}):
-            trunk[A] = run("alternate", mode="alternate", epochs=A, finetune=0)
-            for F in sorted(F for a, F in splits if a == A):
-                name = f"alternate{A}+finetune{F}"
-                if not os.path.exists(os.path.join(root, name, "checkpoint.pt")):
-                    branch(os.path.join(root, "alternate"), os.path.join(root, name), A)
-                tuned[A, F] = run(name, mode="alternate", epochs=A, finetune=F)
-                arrays[f"seed{seed}/{A}+{F}"] = np.asarray(tuned[A, F][1]["per_image"], dtype=np.float32)
-                arrays[f"seed{seed}/{A}+{F}/subset"] = scores(os.path.join(root, name))[-1].numpy()
-        for N in budgets:
-            arrays[f"seed{seed}/full{N}"] = np.asarray(full[N][1]["per_image"], dtype=np.float32)
-        full_scores = scores(os.path.join(root, "full"))
-        for E in sorted({E for A, F in splits for E in stats.equal_time_window(A, F, timing)} if timing else ()):
-            if 1 <= E <= len(full_scores):  # a later E is full's last epoch (time_statistics)
-                arrays[f"seed{seed}/full/subset{E}"] = full_scores[E - 1].numpy()
-        full_curve, trunk_curve = full[max(budgets)][0], trunk[max(trunk)][0]
-        seeds_data.append({"seed": seed, "full_curve": full_curve, "alternate_curve": trunk_curve,
-                           "full_largest_rise": largest_rise(full_curve, key),
-                           "alternate_largest_rise": largest_rise(trunk_curve, key),
-                           "splits": {f"{A}+{F}": {"curve": curve, "end": {k: v for k, v in point.items() if k !=
-                                                                            "per_image"},
-                                                   "full_end": {k: v for k, v in full[A + F][1].items() if k !=
-                                                                "per_image"}}
-                                      for (A, F), (curve, point) in tuned.items()}})
-    summary = summarize(cfg, seeds, splits, seeds_data, arrays, timing)
+def sweep(cfg, splits, seeds, timings=(), jobs=1, margin=stats.MARGIN, log=print):
+    """Train (or continue) every run of the sweep into cfg.out, `jobs` seeds at a time; write sweep.json,
+    sweep.png and sweep-scores.npz (the per-image scores every statistic is computed from)."""
+    work = [(cfg, splits, seed, timings) for seed in seeds]
+    if jobs > 1:  # each seed in a process of its own (spawned: a fresh torch), the experiment's locks held here
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(jobs, initializer=quiet_worker) as pool:
+            done = pool.map(seed_runs, work, chunksize=1)
+    else:
+        done = [seed_runs(w, log) for w in work]
+    seeds_data, arrays = [d for d, _ in done], {k: v for _, a in done for k, v in a.items()}
+    summary = summarize(cfg, seeds, splits, seeds_data, arrays, timings, margin)
     write_results(summary, cfg.out, "sweep", plot_sweep)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
@@ -105,91 +61,174 @@ def sweep(cfg, splits, seeds, timing=None, log=print):
     return summary
 
 
+def quiet_worker():
+    """A seed's process: Ctrl-C goes to the sweep, which ends its processes (SIGTERM: at once; every file
+    is written atomically)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def full_stages(splits, timings):
+    """The epochs at which full training is evaluated on the whole test split: every budget, and each split's
+    equal-time epoch on each timing file (a day's medians)."""
+    budgets = {A + F for A, F in splits}
+    equal = {stats.equal_time_epoch(A, F, stats.quiet_costs(t)) for A, F in splits for t in timings}
+    return sorted(budgets | {E for E in equal if 1 <= E < max(budgets)})
+
+
+def seed_runs(work, log=None):
+    """Train (or continue) one seed's runs: full training in stages (with a fixed warmup and a constant rate,
+    its first N epochs are the full run of budget N, and a resume is exact), one alternate trunk, and a
+    branch at each A that finetunes F epochs. Returns (the seed's curves, its per-image score arrays)."""
+    cfg, splits, seed, timings = work
+    log = log or (lambda line: print(f"[seed {seed}] {line}", flush=True))
+    key = "raw_test_bpd" if cfg.ema else "test_bpd"  # spikes are measured on the raw weights
+    train, whole = gp.prepare_data(replace(cfg, test_subset=None))  # the subset's images are the first ones
+    data, whole = (train, whole[:cfg.test_subset]), whole if cfg.test_subset else None
+    root, scfg, arrays = os.path.join(cfg.out, f"seed{seed}"), replace(cfg, seed=seed), {}
+
+    def run(name, **kw):
+        """Train the run (or continue it) to its end: (its curve, its evaluation there with every image's
+        score). With --test-subset the curve's evaluations use the first N test images, and the end is
+        evaluated on the whole test split (kept in whole-test.json: a rerun neither trains nor evaluates)."""
+        c = replace(scfg, **kw, out=os.path.join(root, name))
+        end, path = c.epochs + c.finetune, os.path.join(c.out, "whole-test.json")
+        ends = json.load(open(path)) if os.path.exists(path) else {}
+        curve = read_curve(c.out)
+        if len(curve) < end or whole is not None and str(end) not in ends:
+            log(f"--- seed {seed}: {name}, to epoch {end}")
+            r = experiment_run(c, data, log)
+            curve = r.history
+            if whole is not None:
+                test = gp.evaluate_run(r, whole)
+                ends[str(end)] = {**test, "per_image": test["per_image"].tolist()}
+                gp.write_atomic(path, json.dumps(ends).encode())
+        return curve[:end], ends[str(end)] if whole is not None else {**curve[end - 1], "per_image": scores(
+            c.out)[end - 1].tolist()}
+
+    full = {N: run("full", mode="full", epochs=N, finetune=0) for N in full_stages(splits, timings)}
+    trunk, tuned = {}, {}
+    for A in sorted({A for A, _ in splits}):
+        trunk[A] = run("alternate", mode="alternate", epochs=A, finetune=0)
+        for F in sorted(F for a, F in splits if a == A):
+            name = f"alternate{A}+finetune{F}"
+            if not os.path.exists(os.path.join(root, name, "checkpoint.pt")):
+                branch(os.path.join(root, "alternate"), os.path.join(root, name), A)
+            tuned[A, F] = run(name, mode="alternate", epochs=A, finetune=F)
+            arrays[f"seed{seed}/{A}+{F}"] = np.asarray(tuned[A, F][1]["per_image"], dtype=np.float32)
+    for N, (_, point) in full.items():
+        arrays[f"seed{seed}/full{N}"] = np.asarray(point["per_image"], dtype=np.float32)
+    full_curve, trunk_curve = full[max(full)][0], trunk[max(trunk)][0]
+    strip = lambda point: {k: v for k, v in point.items() if k != "per_image"}  # noqa: E731
+    return {"seed": seed, "full_curve": full_curve, "alternate_curve": trunk_curve,
+            "full_largest_rise": largest_rise(full_curve, key),
+            "alternate_largest_rise": largest_rise(trunk_curve, key),
+            "splits": {f"{A}+{F}": {"curve": curve, "end": strip(point), "full_end": strip(full[A + F][1])}
+                       for (A, F), (curve, point) in tuned.items()}}, arrays
+
+
 def scores(out):
     """The per-image test scores of every epoch of the run in out, as its checkpoint keeps them."""
     return gp.torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", mmap=True, weights_only=True)["scores"]
 
 
-def summarize(cfg, seeds, splits, seeds_data, arrays, timing):
+def gaps(arrays, seeds, name, against):
+    """Per seed, the paired per-image differences (float64) of run `name` minus run `against`."""
+    return [arrays[f"seed{s}/{name}"].astype(np.float64) - arrays[f"seed{s}/{against}"] for s in seeds]
+
+
+def verdicts(diffs, margin):
+    """The per-seed robust gaps (trimmed means of diffs), their mean, and the pre-registered test."""
+    trimmed = [float(stats.trimmed_mean(d)) for d in diffs]
+    return {"gap_robust": float(np.mean(trimmed)), "gap_robust_per_seed": trimmed, "test": stats.tost(trimmed, margin),
+            "t_test": stats.paired_t(trimmed)}
+
+
+def summarize(cfg, seeds, splits, seeds_data, arrays, timings=(), margin=stats.MARGIN):
     """Every statistic of the sweep, from the per-image scores in arrays (sweep-scores.npz reloads them)
-    and the curves: per split, the paired gaps with their intervals, the margin and the verdict, the time
-    ratio on the quiet cost axis and the paired gap at equal time."""
+    and the curves: per split, at equal epochs and at equal time (the first timing's medians), the paired
+    gaps and the pre-registered test; per timing file (a day), the time ratios."""
     by_split = []
     for A, F in splits:
-        N, ends = A + F, [arrays[f"seed{s}/{A}+{F}"] for s in seeds]
-        fulls = [arrays[f"seed{s}/full{N}"] for s in seeds]
-        diffs = [a.astype(np.float64) - f for a, f in zip(ends, fulls)]
-        trimmed = [float(stats.trimmed_mean(d)) for d in diffs]
-        margin = float(np.std([stats.trimmed_mean(f.astype(np.float64)) for f in fulls], ddof=1)) \
-            if len(seeds) > 1 else None
-        robust_ci = stats.nested_bootstrap([len(d) for d in diffs], lambda s, i, _: stats.trimmed_mean(diffs[s][i]))
-        row = {"budget": N, "alternate_epochs": A, "finetune_epochs": F, "seeds": seeds,
-               "gap_robust": float(np.mean(trimmed)), "gap_robust_ci": robust_ci, "gap_robust_per_seed": trimmed,
-               "gap_robust_t_test": stats.paired_t(trimmed), "margin": margin,
-               "verdict": stats.verdict(robust_ci, margin) if margin is not None else None,
+        N = A + F
+        diffs = gaps(arrays, seeds, f"{A}+{F}", f"full{N}")
+        ends, fulls = ([arrays[f"seed{s}/{k}"] for s in seeds] for k in (f"{A}+{F}", f"full{N}"))
+        row = {"budget": N, "alternate_epochs": A, "finetune_epochs": F, "seeds": seeds, **verdicts(diffs, margin),
                "gap_mean": float(np.mean([d.mean() for d in diffs])),
                "gap_mean_per_seed": [float(d.mean()) for d in diffs],
-               "gap_mean_ci": stats.nested_bootstrap([len(d) for d in diffs], lambda s, i, _: diffs[s][i].mean()),
+               "gap_mean_ci": stats.t_interval([d.mean() for d in diffs]),
                "gap_median_image": float(np.mean([np.median(a) - np.median(f) for a, f in zip(ends, fulls)])),
                "full_bpd": [float(f.mean()) for f in fulls], "bpd": [float(a.mean()) for a in ends],
                "outlier_share": {"alternate": [stats.outlier_share(a, cfg.n_bits) for a in ends],
                                  "full": [stats.outlier_share(f, cfg.n_bits) for f in fulls]},
                "gap_raw_weights": [d["splits"][f"{A}+{F}"]["end"]["raw_test_bpd"] - d["splits"][f"{A}+{F}"]["full_end"][
-                   "raw_test_bpd"] for d in seeds_data] if cfg.ema else None}
-        if timing:
-            row.update(time_statistics(A, F, seeds, arrays, timing, max(a + f for a, f in splits)))
+                   "raw_test_bpd"] for d in seeds_data] if cfg.ema else None,
+               "time": [time_statistics(A, F, t) for t in timings]}
+        if timings:
+            row["equal_time"] = equal_time(A, F, seeds, arrays, timings, margin)
         by_split.append(row)
     return {"config": {**asdict(cfg), "seed": None}, "seeds": seeds, "splits": splits, "trim": stats.TRIM,
-            "margin_rule": stats.MARGIN_RULE,
-            "timing": timing and {"date": timing["date"], "machine": timing["machine"], "threads": timing["threads"],
-                                  "summary": timing["summary"]},
+            "margin": margin, "timing": [{k: t[k] for k in ("date", "machine", "threads", "summary")} for t in timings],
             "per_seed": seeds_data, "by_split": by_split}
 
 
-def time_statistics(A, F, seeds, arrays, timing, last):
-    """The time ratio on the quiet cost axis (training only, and with each epoch's evaluation), each with a
-    95 % interval over the timing repeats; and the paired robust gap at equal time (the first test images
-    the curves use), whose interval resamples the timing too."""
-    rng, N = np.random.default_rng(0), A + F
-    out = {}
-    for name, evaluation in (("time_ratio", False), ("time_ratio_with_evaluation", True)):
-        draws = [stats.time_ratio(A, F, N, stats.resample_costs(timing, evaluation, rng)) for _ in range(stats.N_BOOT)]
-        out[name] = stats.time_ratio(A, F, N, stats.quiet_costs(timing, evaluation))
-        out[name + "_ci"] = [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
-    if min(stats.equal_time_window(A, F, timing)) < 1:  # full training had not finished an epoch by then
-        return out
-    E = min(stats.equal_time_epoch(A, F, stats.quiet_costs(timing)), last)
-    ends = [arrays[f"seed{s}/{A}+{F}/subset"].astype(np.float64) for s in seeds]
+def time_statistics(A, F, timing):
+    """A day's time ratio on the quiet cost axis, training only and with each epoch's evaluation: the medians'
+    ratio and its range over the repeats."""
+    N = A + F
+    return {"date": timing["date"], **{name: stats.time_ratio(A, F, N, stats.quiet_costs(timing, evaluation))
+                                       for name, evaluation in (("ratio", False), ("ratio_with_evaluation", True))},
+            "range": stats.time_range(A, F, N, timing), "range_with_evaluation": stats.time_range(A, F, N, timing, True)}
 
-    def gap(s, images, costs):  # full training stops at the largest budget: its last evaluation then
-        e = min(stats.equal_time_epoch(A, F, costs) if costs else E, last)
-        return stats.trimmed_mean(ends[s][images] - arrays[f"seed{seeds[s]}/full/subset{e}"][images])
-    out["equal_time_epoch"] = E
-    out["gap_equal_time_robust"] = float(np.mean([gap(s, np.arange(len(ends[s])), None) for s in range(len(seeds))]))
-    out["gap_equal_time_robust_ci"] = stats.nested_bootstrap(
-        [len(e) for e in ends], gap, extra=lambda r: stats.resample_costs(timing, False, r))
+
+def equal_time(A, F, seeds, arrays, timings, margin):
+    """The paired gap against full training at its equal-time epoch under each timing file (the first decides),
+    on the whole test split where the sweep evaluated it there (else the first test images, as the earlier
+    sweeps did: then the subset arrays)."""
+    out = []
+    for t in timings:
+        E = stats.equal_time_epoch(A, F, stats.quiet_costs(t))
+        whole = all(f"seed{s}/full{E}" in arrays for s in seeds)
+        if not whole and not all(f"seed{s}/full/subset{E}" in arrays for s in seeds):
+            out.append({"date": t["date"], "epoch": E, "images": None})
+            continue
+        diffs = (gaps(arrays, seeds, f"{A}+{F}", f"full{E}") if whole else
+                 gaps(arrays, seeds, f"{A}+{F}/subset", f"full/subset{E}"))
+        out.append({"date": t["date"], "epoch": E, "images": "whole test split" if whole else
+                    f"first {len(diffs[0])} test images", **verdicts(diffs, margin)})
     return out
 
 
 def sweep_table(summary):
-    """The sweep as Markdown tables: per split, the verdict and every gap with its interval (mean over seeds
-    [95 % interval]); per seed, the largest rise of each curve (with --ema, the raw weights')."""
-    def ci(value, interval, fmt="{:+.3f}"):
-        return "-" if value is None else f"{fmt.format(value)} [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
-    rows = [[str(b["budget"]), f"{b['alternate_epochs']} + {b['finetune_epochs']}",
-             ci(b["gap_robust"], b["gap_robust_ci"]), "-" if b["margin"] is None else f"{b['margin']:.3f}",
-             b["verdict"] or "-", ci(b["gap_mean"], b["gap_mean_ci"]), f"{b['gap_median_image']:+.3f}",
-             ci(b.get("time_ratio"), b.get("time_ratio_ci"), "{:.3f}"),
-             ci(b.get("time_ratio_with_evaluation"), b.get("time_ratio_with_evaluation_ci"), "{:.3f}"),
-             ci(b.get("gap_equal_time_robust"), b.get("gap_equal_time_robust_ci")),
-             f"{max(b['outlier_share']['alternate']):.3f} / {max(b['outlier_share']['full']):.3f}"]
-            for b in summary["by_split"]]
+    """The sweep as Markdown tables: per split, the pre-registered test at equal epochs and at equal time, the
+    other gaps and each day's time ratio; per seed, the largest rise of each curve (with --ema, the raw
+    weights')."""
+    def interval(ci):
+        return "-" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+    def decided(v):
+        if v.get("test") is None:
+            return ["-", "-", "-"]
+        t = v["test"]
+        return [f"{v['gap_robust']:+.3f}", f"{interval(t['ci90'])} / {interval(t['ci95'])}",
+                t["verdict"] + " (95 % excludes 0)" * (t["excludes_zero"] and t["verdict"] != "worse")]
+    rows = []
+    for b in summary["by_split"]:
+        at_time = b.get("equal_time", [{}])[0]
+        rows.append([str(b["budget"]), f"{b['alternate_epochs']} + {b['finetune_epochs']}", *decided(b),
+                     f"{at_time['epoch']}" if at_time else "-", *(decided(at_time) if at_time.get("images") else
+                       ["-", "-", "-"]), f"{b['gap_mean']:+.3f} {interval(b['gap_mean_ci'])}", f"{b['gap_median_image']:+.3f}",
+                     "; ".join(f"{t['ratio']:.3f} / {t['ratio_with_evaluation']:.3f} ({t['date']})" for t in b["time"])
+                     or "-", f"{max(b['outlier_share']['alternate']):.3f} / {max(b['outlier_share']['full']):.3f}"])
+    n, margin = len(summary["seeds"]), summary["margin"]
     rise = lambda r: "none" if r[0] is None else f"+{r[1]:.3f} (epoch {r[0]})"  # noqa: E731
     seeds = [[str(s["seed"]), rise(s["full_largest_rise"]), rise(s["alternate_largest_rise"])]
              for s in summary["per_seed"]]
-    return markdown_table(["budget N", "alternate + finetune", "robust gap", "margin", "verdict", "mean gap",
-                           "median-image gap", "time / full", "time / full, with evaluation", "robust gap at equal "
-                           "time", "largest outlier share: alternate / full"], rows) + "\n\n" + markdown_table(
+    return markdown_table(["budget N", "alternate + finetune", "robust gap, equal epochs", "90 % / 95 % t interval",
+                           f"verdict (margin {margin}, {n} seeds)", "equal-time epoch", "robust gap, equal time",
+                           "90 % / 95 % t interval", "verdict", "mean gap [95 %]", "median-image gap",
+                           "time / full: training / with evaluation (day)",
+                           "largest outlier share: alternate / full"], rows) + "\n\n" + markdown_table(
         ["seed", "full: largest rise above its best so far", "alternate: largest rise"], seeds)
 
 
@@ -204,9 +243,14 @@ def plot_sweep(summary, file):
     for i, seed in enumerate(summary["seeds"]):
         gaps.plot([b["budget"] for b in main], [b["gap_robust_per_seed"][i] for b in main], color="grey",
                   linewidth=0.8, marker=".")
+    ci = [b["test"]["ci95"] if b["test"] else [b["gap_robust"]] * 2 for b in main]
     gaps.errorbar([b["budget"] for b in main], [b["gap_robust"] for b in main], fmt="k-o", linewidth=2,
-                  yerr=[[b["gap_robust"] - b["gap_robust_ci"][0] for b in main],
-                        [b["gap_robust_ci"][1] - b["gap_robust"] for b in main]], label="mean, 95 % interval")
+                  yerr=[[b["gap_robust"] - c[0] for b, c in zip(main, ci)], [c[1] - b["gap_robust"] for b, c in
+                                                                              zip(main, ci)]],
+                  label="mean, 95 % t interval")
+    for sign in (-1, 1):
+        gaps.axhline(sign * summary["margin"], color="C2", linestyle="--", linewidth=0.8,
+                     label="the margin" if sign > 0 else None)
     gaps.axhline(0, color="grey", linewidth=0.6)
     gaps.set(xlabel="budget N (epochs)", ylabel="robust paired gap (bits/dim)",
              title="alternate 2N/3 + finetune N/3 - full N")
@@ -255,6 +299,21 @@ def parse_budgets(text):
     return [(2 * N // 3, N // 3) for N in budgets]
 
 
+def read_timing(path):
+    """A timing file (experiments/timing.py's JSON), checked: every phase with at least 2 positive repeats."""
+    try:
+        t = json.load(open(path))
+        ok = all(len(t["epoch_seconds"][p]) >= 2 and min(t["epoch_seconds"][p]) > 0 for p in stats.PHASES)
+        t["summary"], t["date"], t["machine"], t["threads"]  # noqa: B018: what the summary copies
+    except OSError as e:
+        raise gp.UsageError(f"--timing {path}: cannot read it ({e.strerror})") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise gp.UsageError(f"--timing {path}: not a timing file (experiments/timing.py writes one)")
+    return t
+
+
 def run_sweep(argv, where):
     p = gp.make_parser("The budget sweep over seeds: full N epochs against alternate A + finetune F.",
                        without=("mode", "epochs", "finetune", "seed"))
@@ -262,14 +321,24 @@ def run_sweep(argv, where):
     p.add_argument("--splits", type=parse_splits, default=[], help="more splits A+F, e.g. 75+15,45+45")
     p.add_argument("--seeds", type=parse_seeds, default=[0], help="seeds, each with its own weights, data order and "
                                                                  "noise (default: 0)")
-    p.add_argument("--timing", help="quiet epoch costs (experiments/timing.py's JSON): the time ratios and the gap "
-                                    "at equal time are computed on them")
+    p.add_argument("--timing", type=lambda t: t.split(","), default=[],
+                   help="quiet epoch costs, one file a day (experiments/timing.py's JSON): the time ratios on each, "
+                        "the gap at equal time on the first")
+    p.add_argument("--margin", type=float, default=stats.MARGIN, help="the practical margin of the equivalence test "
+                                                                      f"(default: {stats.MARGIN}, pre-registered)")
+    p.add_argument("--jobs", type=int, default=1, help="seeds trained at a time, each in its own process (give each "
+                                                       "one thread: OMP_NUM_THREADS=1)")
+    p.add_argument("--results", help="recompute every statistic from a sweep's result files PREFIX.json and "
+                                     "PREFIX-scores.npz (nothing trains; nothing is written)")
     args = p.parse_args(argv)
     if gp.torchrun_env()[2] > 1:
         raise gp.UsageError("the sweep times its runs in one process: run it without torchrun")
-    splits, seeds, timing = sorted(set(args.budgets + args.splits)), sorted(set(args.seeds)), args.timing
-    if timing and not os.path.isfile(timing):
-        raise gp.UsageError(f"--timing {timing}: no such file (experiments/timing.py writes it)")
+    if not 0 < args.margin < 1 or args.jobs < 1:
+        raise gp.UsageError(f"want --margin in (0, 1) and --jobs at least 1, got {args.margin} and {args.jobs}")
+    timings = [read_timing(t) for t in args.timing]
+    if args.results:
+        return print(sweep_table(rescore(args.results, timings, args.margin)))
+    splits, seeds = sorted(set(args.budgets + args.splits)), sorted(set(args.seeds))
     if not splits:
         raise gp.UsageError("give --budgets and/or --splits")
     cfg = replace(lab_config(args, "sweep"), epochs=1, finetune=0)
@@ -281,7 +350,20 @@ def run_sweep(argv, where):
     dirs = [os.path.join(cfg.out, f"seed{s}", name) for s in seeds for name in
             ["full", "alternate", *(f"alternate{A}+finetune{F}" for A, F in splits)]]
     with claim_experiment(cfg.out, plan_of(replace(cfg, seed=0)), dirs):  # seeds, budgets and splits may grow
-        return sweep(cfg, splits, seeds, timing and json.load(open(timing)))
+        return sweep(cfg, splits, seeds, timings, args.jobs, args.margin)
+
+
+def rescore(prefix, timings, margin):
+    """The summary recomputed from a sweep's result files (PREFIX.json, PREFIX-scores.npz)."""
+    try:
+        old, arrays = json.load(open(prefix + ".json")), dict(np.load(prefix + "-scores.npz"))
+        cfg = gp.Config(**{**old["config"], "seed": 0})
+        return summarize(cfg, old["seeds"], [tuple(s) for s in old["splits"]], old["per_seed"], arrays, timings,
+                         margin)
+    except OSError as e:
+        raise gp.UsageError(f"--results {prefix}: cannot read {e.filename} ({e.strerror})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise gp.UsageError(f"--results {prefix}: not a sweep's result files ({type(e).__name__}: {e})") from None
 
 
 if __name__ == "__main__":

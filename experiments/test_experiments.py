@@ -398,33 +398,44 @@ def test_the_robust_gap_is_a_trimmed_mean_that_a_few_images_cannot_move():
     assert stats.outlier_share([3.0, 4.0], n_bits=8) == 0.0 and stats.outlier_share([9.0, 11.0], 8) == pytest.approx(2)
 
 
-def test_the_nested_bootstrap_resamples_seeds_and_then_their_images():
-    import numpy as np
-    ones, threes = np.ones(50), np.full(50, 3.0)  # two seeds whose every image differs by 1 and by 3
-    lo, hi = stats.nested_bootstrap([50, 50], lambda s, i, _: [ones, threes][s][i].mean())
-    assert (lo, hi) == (1.0, 3.0)  # both seeds drawn alike a quarter of the time each: the ends are 1 and 3
-    one_seed = np.random.default_rng(0).normal(0.2, 1.0, 400)
-    lo, hi = stats.nested_bootstrap([400], lambda s, i, _: one_seed[i].mean(), n_boot=4000)
-    se = one_seed.std() / 20  # the textbook interval: mean +- 1.96 standard errors
-    assert lo == pytest.approx(one_seed.mean() - 1.96 * se, abs=0.3 * se)
-    assert hi == pytest.approx(one_seed.mean() + 1.96 * se, abs=0.3 * se)
+def test_the_t_interval_and_the_equivalence_test_give_hand_computed_answers():
+    t975, t95 = 4.302652729749464, 2.919985580355516  # Student's t, 2 degrees of freedom
+    se = 1 / 3 ** 0.5  # [1, 2, 3]: mean 2, sd 1
+    assert stats.t_interval([1.0, 2.0, 3.0]) == pytest.approx([2 - t975 * se, 2 + t975 * se])
+    assert stats.t_interval([1.0, 2.0, 3.0], 0.90) == pytest.approx([2 - t95 * se, 2 + t95 * se])
+    assert stats.t_interval([0.5]) is None and stats.tost([0.5]) is None
+    near = [0.001, 0.003, 0.002, 0.004, 0.0]  # mean 0.002: its 90 % interval ends at 0.0035, its 95 % at 0.0040
+    assert stats.tost(near, 0.02)["verdict"] == "equivalent" and stats.tost(near, 0.02)["excludes_zero"]
+    assert stats.tost(near, 0.003)["verdict"] == "inconclusive"
+    assert stats.tost([v + 0.05 for v in near], 0.02)["verdict"] == "worse"
+    assert stats.tost([-v - 0.05 for v in near], 0.02)["verdict"] == "better"
+    wide = [-0.05, 0.05, -0.04, 0.04]  # centred on 0, but too spread to show equivalence within 0.02
+    assert stats.tost(wide, 0.02) | {"ci90": None, "ci95": None} == {
+        "verdict": "inconclusive", "ci90": None, "ci95": None, "margin": 0.02, "excludes_zero": False}
 
 
-def test_the_t_test_over_seeds_the_verdict_and_the_cost_axis_give_hand_computed_answers():
+def test_the_coverage_simulation_finds_the_t_interval_nominal_and_a_bootstrap_over_three_seeds_short():
+    assert 0.93 <= stats.coverage(stats.t_interval, 3, reps=2000) <= 0.97
+    assert 0.72 <= stats.coverage(stats.seed_bootstrap, 3, reps=2000) <= 0.80  # 1 in 27 draws repeats one seed
+    assert stats.coverage(lambda v: [-1e9, 1e9], 3, reps=10) == 1.0 and stats.coverage(lambda v: [1, 2], 3, reps=10) == 0
+
+
+def test_the_t_test_over_seeds_and_the_cost_axis_give_hand_computed_answers():
     t = stats.paired_t([1.0, 2.0, 3.0])  # t = 2 / (1 / sqrt 3); df 2: p = 1 - t / sqrt(2 + t^2)
     assert t["t"] == pytest.approx(2 * 3 ** 0.5) and t["df"] == 2
     assert t["p"] == pytest.approx(1 - 2 * 3 ** 0.5 / (2 + 12) ** 0.5)
     assert stats.paired_t([0.5]) is None and stats.paired_t([1.0, 1.0]) is None
-    assert stats.verdict([-0.01, 0.02], 0.05) == "matches" and stats.verdict([0.1, 0.2], 0.05) == "worse"
-    assert stats.verdict([0.01, 0.1], 0.05) == "inconclusive" and stats.verdict([-0.2, -0.1], 0.05) == "better"
     costs = {"full": 6.0, "alternate": 3.0, "finetune": 6.0}
     assert stats.time_ratio(60, 30, 90, costs) == pytest.approx(2 / 3)
     assert stats.equal_time_epoch(60, 30, costs) == 60 and stats.equal_time_epoch(60, 30, {**costs, "full": 6.1}) == 59
-    timing = {"epoch_seconds": {"full": [5.0, 7.0], "alternate": [2.0, 4.0], "finetune": [6.0, 6.0]}}
+    timing = {"epoch_seconds": {"full": [5.0, 7.0], "alternate": [2.0, 4.0], "finetune": [6.0, 6.0],
+                                "evaluation": [1.0, 1.0]}}
     assert list(stats.equal_time_window(60, 30, timing)) == list(range(42, 85))  # (120 + 180) / 7 to 420 / 5
+    assert stats.time_range(60, 30, 90, timing) == pytest.approx([300 / 630, 420 / 450])
+    assert stats.time_range(60, 30, 90, timing, True) == pytest.approx([(180 + 210) / 720, (300 + 210) / 540])
 
 
-def test_the_sweep_reloads_its_statistics_from_its_result_files(tmp_path):
+def test_the_sweep_reloads_its_statistics_from_its_result_files(tmp_path, capsys):
     import numpy as np
     costs = tmp_path / "timing.json"
     assert gp.command("timing.py", timing.run_timing, TINY + ["--repeats", "2", "--out", str(costs)]) == 0
@@ -433,13 +444,15 @@ def test_the_sweep_reloads_its_statistics_from_its_result_files(tmp_path):
                                                            "--timing", str(costs), "--out", str(out)]) == 0
     summary = json.loads((out / "sweep.json").read_text())
     arrays = dict(np.load(out / "sweep-scores.npz"))
-    again = sweep.summarize(gp.Config(**{**summary["config"], "seed": 0}), summary["seeds"],
-                            [tuple(s) for s in summary["splits"]], summary["per_seed"], arrays,
-                            json.loads(costs.read_text()))
+    again = sweep.rescore(str(out / "sweep"), [json.loads(costs.read_text())], summary["margin"])
     assert json.loads(json.dumps(again["by_split"])) == summary["by_split"]
     b = summary["by_split"][0]
-    assert {"gap_robust", "gap_robust_ci", "margin", "verdict", "gap_mean", "gap_mean_ci", "time_ratio",
-            "time_ratio_ci", "time_ratio_with_evaluation", "gap_equal_time_robust", "outlier_share"} <= set(b)
-    assert b["gap_robust_ci"][0] <= b["gap_robust"] <= b["gap_robust_ci"][1]
+    assert {"gap_robust", "test", "gap_mean", "gap_mean_ci", "time", "equal_time", "outlier_share"} <= set(b)
+    assert b["test"]["ci95"][0] <= b["gap_robust"] <= b["test"]["ci95"][1]
     first = arrays[f"seed0/{b['alternate_epochs']}+{b['finetune_epochs']}"] - arrays["seed0/full3"]
     assert b["gap_robust_per_seed"][0] == pytest.approx(float(stats.trimmed_mean(first.astype(float))))
+    E = b["equal_time"][0]["epoch"]  # full training was evaluated on the whole split at its equal-time epoch
+    assert b["equal_time"][0]["images"] == "whole test split" and f"seed1/full{E}" in arrays
+    capsys.readouterr()
+    assert gp.command("sweep.py", sweep.run_sweep, ["--results", str(out / "sweep"), "--timing", str(costs)]) == 0
+    assert f"| {b['gap_robust']:+.3f} |" in capsys.readouterr().out
