@@ -27,8 +27,49 @@ from dataclasses import replace
 import torch
 import torch.utils.checkpoint
 
-from common import gp, lab_config, markdown_table, mechanism_steps, step_costs
-from compare import parse_modes
+from common import gp, lab_config, markdown_table, no_torchrun, parse_modes
+
+
+def mechanism_steps(mode, n_parts):
+    """The kinds of step a mechanism takes, read off its schedule (gp.learning_parts) over one turn of each part."""
+    return [list(k) for k in dict.fromkeys(tuple(gp.learning_parts(mode, s, n_parts, n_parts))
+                                           for s in range(n_parts))]
+
+
+def measure_step(model, x, phase, learning):
+    """What one training step (gp.losses, backward) holds and sends: (activation bytes, boundary backward
+    bytes, CUDA peak bytes or None). Activation bytes: the storage of the tensors autograd saves for
+    backward, parameters excluded. Boundary bytes: the gradient that flows back into a part's input from
+    the part after it, counted by a hook on each part's input that fires only if a gradient arrives."""
+    param_ptrs, saved, crossing = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}, [0]
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in param_ptrs:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def watch_input(module, args):
+        if args[0].requires_grad:
+            args[0].register_hook(lambda grad: crossing.__setitem__(0, crossing[0] + grad.nbytes))
+
+    hooks, cuda = [part.register_forward_pre_hook(watch_input) for part in model.parts[1:]], x.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step_losses = gp.losses(model, x, phase, learning)
+    sum(step_losses).backward()
+    for h in hooks:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    return sum(saved.values()), crossing[0], torch.cuda.max_memory_allocated(x.device) if cuda else None
+
+
+def step_costs(model, x, mode):
+    """measure_step for each kind of step the mechanism takes (one turn of its schedule): the largest."""
+    costs = [measure_step(model, x, mode, learning) for learning in mechanism_steps(mode, len(model.parts))]
+    return {"activation_bytes": max(c[0] for c in costs), "boundary_backward_bytes": max(c[1] for c in costs),
+            "cuda_max_memory_allocated": None if costs[0][2] is None else max(c[2] for c in costs)}
 
 
 def step_macs(in_channels, image_size, n_levels, n_steps, hidden):
@@ -153,10 +194,11 @@ def run_benchmark(argv, where):
                                                             "its input and runs again in backward")
     p.add_argument("--balanced", type=int, help="cut the flow into this many parts of about equal multiply-adds")
     args = p.parse_args(argv)
-    modes, repeats, recomputed, balanced = args.modes, args.repeats, args.recompute, args.balanced
-    if repeats < 1 or gp.torchrun_env()[2] > 1:
-        raise gp.UsageError(f"--repeats must be at least 1, got {repeats}" if repeats < 1 else
-                            "the benchmark times steps in one process: no torchrun")
+    modes, repeats = args.modes, args.repeats
+    recomputed, balanced = args.recompute, args.balanced
+    no_torchrun("the benchmark times steps")
+    if repeats < 1:
+        raise gp.UsageError(f"--repeats must be at least 1, got {repeats}")
     cfg = lab_config(args, "benchmark")
     if balanced is not None:
         if not 1 <= balanced <= cfg.levels * cfg.steps:

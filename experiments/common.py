@@ -1,17 +1,17 @@
 """
-experiments/common.py: what the experiments share and the reference does not need. The runs of an
-experiment (its lock over all of them, its plan, what a stopped one keeps), what a training
-step holds and sends, result files, tables and the equal-time lookups.
+experiments/common.py: what the experiments share and the reference does not need: the runs of an
+experiment (its lock over all of them, its plan, what a stopped one keeps; a single-run script's
+continuation), the checks of every output path and input file, result files and tables.
 """
+import argparse
 import contextlib
 import glob
 import json
 import os
-import statistics
 import sys
 from dataclasses import asdict, replace
 
-import torch
+import stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import glow_parts as gp  # noqa: E402
@@ -69,20 +69,80 @@ def plan_of(cfg, **more):
     return json.loads(json.dumps({"config": config, **more}))
 
 
-def experiment_run(cfg, data, log=print):
-    """Train the experiment's run in cfg.out (claimed by claim_experiment): from its seed's start (the same
-    for every mechanism), or on from its checkpoint where the experiment was stopped (with more epochs where
-    it grew; a finished one as it is)."""
+def start_or_continue(cfg, data=None, log=print):
+    """(run, data): the run in cfg.out (claimed) from its seed's start (the same for every mechanism), or on
+    from its checkpoint where it was stopped (with more epochs where it grew; a finished one as it is)."""
     path = os.path.join(cfg.out, "checkpoint.pt")
     ckpt = gp.load_checkpoint(path) if os.path.exists(path) else None
+    if ckpt and ckpt["epoch"] > cfg.epochs + cfg.finetune:
+        raise gp.UsageError(f"{cfg.out}: its run has {ckpt['epoch']} epochs, more than the {cfg.epochs + cfg.finetune} "
+                            f"this experiment plans (it was continued alone): move it away, or choose another --out")
     if ckpt:
         saved = gp.Config(**ckpt["config"])
         given = {k: v for k, v in asdict(cfg).items() if v is not None}
         done = ckpt["epoch"] >= cfg.epochs + cfg.finetune and (cfg.epochs, cfg.finetune) == (saved.epochs,
                                                                                              saved.finetune)
         cfg = replace(saved, out=cfg.out) if done else gp.resume_config(ckpt, given, log)
-    run, _ = gp.start_run(cfg, data, ckpt)
+    return gp.start_run(cfg, data, ckpt)
+
+
+def experiment_run(cfg, data, log=print):
+    """Train (or continue) the experiment's run in cfg.out, claimed by claim_experiment."""
+    run, data = start_or_continue(cfg, data, log)
     return gp.train(run, data, log)
+
+
+def claim_run(out, plan):
+    """Lock a single-run script's directory out (a with block), continued by the same command: it holds
+    nothing, or this plan's run (out/plan.json); another plan, or files no such script wrote, are refused."""
+    lock = gp.claim_run_dir(out, resume=True)
+    path, held = os.path.join(out, "plan.json"), sorted(n for n in os.listdir(out) if n not in (".lock", ".tmp"))
+    old = json.load(open(path)) if os.path.exists(path) else None
+    if held and old != plan:
+        lock.close()
+        why = "its settings differ from these" if old else f"it holds {', '.join(held[:3])}, which no such run wrote"
+        raise gp.UsageError(f"--out {out}: {why}; choose another --out")
+    gp.write_atomic(path, json.dumps(plan, indent=1).encode())
+    return lock
+
+
+def check_output(path, flag="--out", mine=lambda path: False):
+    """Before any work: path can be written, and is no directory nor a file that mine(path) does not
+    recognise as this script's own (a script writes over no file it did not make)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise gp.UsageError(f"{flag} {path}: " + ("is a directory" if os.path.isdir(path) else
+                                                  f"no directory {folder} to write it in"))
+    if os.path.exists(path) and not mine(path):
+        raise gp.UsageError(f"{flag} {path}: a file this script did not write is there; choose another {flag}")
+
+
+def read_json(path, flag, what, keys):
+    """A lab file checked before use: JSON holding `keys`; else a UsageError naming the file and the script
+    that writes it."""
+    try:
+        data = json.load(open(path))
+        if isinstance(data, dict) and all(k in data for k in keys):
+            return data
+    except OSError as e:
+        raise gp.UsageError(f"{flag} {path}: cannot read it ({e.strerror})") from None
+    except ValueError:
+        pass
+    raise gp.UsageError(f"{flag} {path}: not {what}")
+
+
+def read_timing(path, flag="--timing"):
+    """A timing file (experiments/timing.py's JSON), checked: every phase timed at least twice, in seconds."""
+    what = "a timing file (experiments/timing.py writes one)"
+    t = read_json(path, flag, what, ("epoch_seconds", "summary", "date", "machine", "threads"))
+    try:
+        ok = all(len(t["epoch_seconds"][p]) >= 2 and min(t["epoch_seconds"][p]) > 0 and t["summary"][p]["median"] > 0
+                 for p in stats.PHASES)
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise gp.UsageError(f"{flag} {path}: not {what}")
+    return t
 
 
 def largest_rise(curve, key):
@@ -108,27 +168,6 @@ def load_model(out):
     return model
 
 
-def few_images(m):
-    """True where the images worse than noise add more than gp.FEW bits/dim to an evaluation's mean."""
-    return m["test_outlier_share"] > gp.FEW
-
-
-def at_time(curve, seconds):
-    """The evaluation a run had reached after `seconds` of training (its last one by then), or None."""
-    return next((m for m in reversed(curve) if m["seconds"] <= seconds * (1 + 1e-9)), None)
-
-
-def smoothed_final(curve, ema):
-    """(target, what it is): full's final test bits/dim, which one lucky or unlucky evaluation cannot move
-    much: its averaged weights' (--ema), else the mean of its last three evaluations. None where a few
-    images make one of those means: such a target says more about them than about the model."""
-    last = curve[-1:] if ema else curve[-3:]
-    if any(few_images(m) for m in last):
-        return None, "none: a few test images make full's final mean bits/dim (see its test_median_bpd)"
-    return statistics.fmean(m["test_bpd"] for m in last), ("full's final bits/dim with averaged weights (--ema)"
-                                                             if ema else "the mean of full's last 3 evaluations")
-
-
 def write_results(summary, out, name, plot):
     """out/name.json, and out/name.png drawn by plot(summary, file), each written atomically."""
     import io
@@ -138,51 +177,20 @@ def write_results(summary, out, name, plot):
     gp.write_atomic(os.path.join(out, f"{name}.png"), buffer.getvalue())
 
 
+def no_torchrun(what):
+    """Refuse to run under torchrun: the experiment times or trains `what` in one process."""
+    if gp.torchrun_env()[2] > 1:
+        raise gp.UsageError(f"{what} in one process: run it without torchrun")
+
+
+def parse_modes(text):
+    """full,alternate[,...]: mechanisms of glow_parts.MODES, each once."""
+    modes = text.split(",")
+    if any(m not in gp.MODES for m in modes) or len(set(modes)) < len(modes):
+        raise argparse.ArgumentTypeError(f"want some of {', '.join(gp.MODES)}, each once; got {text!r}")
+    return modes
+
+
 def markdown_table(header, rows):
     lines = ["| " + " | ".join(cells) + " |" for cells in [header, *rows]]
     return "\n".join([lines[0], "|---" * len(header) + "|", *lines[1:]])
-
-
-# --- what a training step holds and sends
-
-
-def mechanism_steps(mode, n_parts):
-    """The kinds of step a mechanism takes, read off its schedule (gp.learning_parts) over one turn of each part."""
-    return [list(k) for k in dict.fromkeys(tuple(gp.learning_parts(mode, s, n_parts, n_parts))
-                                           for s in range(n_parts))]
-
-
-def measure_step(model, x, phase, learning):
-    """What one training step (gp.losses, backward) holds and sends: (activation bytes, boundary backward
-    bytes, CUDA peak bytes or None). Activation bytes: the storage of the tensors autograd saves for
-    backward, parameters excluded. Boundary bytes: the gradient that flows back into a part's input from
-    the part after it, counted by a hook on each part's input that fires only if a gradient arrives."""
-    param_ptrs, saved, crossing = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}, [0]
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in param_ptrs:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    def watch_input(module, args):
-        if args[0].requires_grad:
-            args[0].register_hook(lambda grad: crossing.__setitem__(0, crossing[0] + grad.nbytes))
-
-    hooks, cuda = [part.register_forward_pre_hook(watch_input) for part in model.parts[1:]], x.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(x.device)
-        torch.cuda.reset_peak_memory_stats(x.device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step_losses = gp.losses(model, x, phase, learning)
-    sum(step_losses).backward()
-    for h in hooks:
-        h.remove()
-    model.zero_grad(set_to_none=True)
-    return sum(saved.values()), crossing[0], torch.cuda.max_memory_allocated(x.device) if cuda else None
-
-
-def step_costs(model, x, mode):
-    """measure_step for each kind of step the mechanism takes (one turn of its schedule): the largest."""
-    costs = [measure_step(model, x, mode, learning) for learning in mechanism_steps(mode, len(model.parts))]
-    return {"activation_bytes": max(c[0] for c in costs), "boundary_backward_bytes": max(c[1] for c in costs),
-            "cuda_max_memory_allocated": None if costs[0][2] is None else max(c[2] for c in costs)}

@@ -13,13 +13,14 @@ what one step of each mechanism costs (time, the activations it keeps, the gradi
 boundary), the time each run took to reach full training's final bits/dim, and where full training was
 after as much time. Results: out/compare.json, compare.png and a table.
 """
-import argparse
 import os
+import statistics
 import sys
 from dataclasses import asdict, replace
 
-from common import (at_time, claim_experiment, experiment_run, few_images, gp, lab_config,
-                    markdown_table, plan_of, runs_note, smoothed_final, step_costs, write_results)
+from benchmark import step_costs
+from common import (claim_experiment, experiment_run, gp, lab_config, markdown_table, no_torchrun, parse_modes,
+                    plan_of, runs_note, write_results)
 
 
 def compare(cfg, modes=("full", "alternate"), log=print):
@@ -51,6 +52,27 @@ def compare(cfg, modes=("full", "alternate"), log=print):
     write_results(summary, cfg.out, "compare", plot_compare)
     log(summary_table(summary))
     return summary
+
+
+def few_images(m):
+    """True where the images worse than noise add more than gp.FEW bits/dim to an evaluation's mean."""
+    return m["test_outlier_share"] > gp.FEW
+
+
+def at_time(curve, seconds):
+    """The evaluation a run had reached after `seconds` of training (its last one by then), or None."""
+    return next((m for m in reversed(curve) if m["seconds"] <= seconds * (1 + 1e-9)), None)
+
+
+def smoothed_final(curve, ema):
+    """(target, what it is): full's final test bits/dim, which one lucky or unlucky evaluation cannot move
+    much: its averaged weights' (--ema), else the mean of its last three evaluations. None where a few
+    images make one of those means: such a target says more about them than about the model."""
+    last = curve[-1:] if ema else curve[-3:]
+    if any(few_images(m) for m in last):
+        return None, "none: a few test images make full's final mean bits/dim (see its test_median_bpd)"
+    return statistics.fmean(m["test_bpd"] for m in last), ("full's final bits/dim with averaged weights (--ema)"
+                                                             if ema else "the mean of full's last 3 evaluations")
 
 
 def time_to(curve, target):
@@ -94,14 +116,6 @@ def plot_compare(summary, file):
     fig.savefig(file, dpi=120, format="png")
 
 
-def parse_modes(text):
-    """full,alternate[,...]: mechanisms of glow_parts.MODES, each once (compare.py: full among them)."""
-    modes = text.split(",")
-    if any(m not in gp.MODES for m in modes) or len(set(modes)) < len(modes):
-        raise argparse.ArgumentTypeError(f"want some of {', '.join(gp.MODES)}, each once; got {text!r}")
-    return modes
-
-
 def run_compare(argv, where):
     p = gp.make_parser("The mechanisms side by side from the same start.", without=("mode",))
     p.add_argument("--modes", type=parse_modes, default=["full", "alternate"],
@@ -109,8 +123,7 @@ def run_compare(argv, where):
     args = p.parse_args(argv)
     if "full" not in args.modes:
         raise gp.UsageError("--modes: the comparison measures against full training: list full")
-    if gp.torchrun_env()[2] > 1:
-        raise gp.UsageError("the comparison times the mechanisms in one process: run it without torchrun")
+    no_torchrun("the comparison times the mechanisms")
     modes = args.modes
     cfg = lab_config(args, "compare")
     where["out"], where["note"] = cfg.out, runs_note

@@ -112,6 +112,14 @@ def train_pipeline(cfg, ckpt, rank, world, log):
     return run
 
 
+def pipeline_run(ckpt):
+    """A run the pipeline continues: --mode parallel, no finetuning, averaging, decay or clipping."""
+    c = ckpt["config"]
+    if c["mode"] != "parallel" or c["finetune"] or c["ema"] or c["decay"] or c["clip"]:
+        raise gp.UsageError("--resume: the run in --out is not a pipeline's (--mode parallel, no finetuning, "
+                            "averaging, decay or clipping): continue it with glow_parts.py --resume")
+
+
 def run_pipeline(argv, where):
     rank, local_rank, world = gp.torchrun_env()
     log = print if rank == 0 else (lambda *a: None)
@@ -120,11 +128,8 @@ def run_pipeline(argv, where):
     p.add_argument("--resume", action="store_true", help="continue the pipeline's run in --out")
     args = p.parse_args(argv)
     args.mode = "parallel"
-    cfg, ckpt = gp.config_from_args(args, log)
+    cfg, ckpt = gp.config_from_args(args, log, check=pipeline_run)
     where["out"] = cfg.out
-    if cfg.finetune or cfg.ema or cfg.decay or cfg.clip:  # (another mode: resume_config refuses it)
-        raise gp.UsageError(f"the run in {cfg.out} is not a pipeline's (--mode parallel, no finetuning, averaging, "
-                            f"decay or clipping): continue it with glow_parts.py --resume")
     if world != len(cfg.parts):
         raise gp.UsageError(f"the pipeline runs one part per process: {len(cfg.parts)} parts but {world} "
                             f"processes; use --nproc_per_node {len(cfg.parts)}")

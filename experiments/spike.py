@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from common import gp, lab_config, largest_rise
+from common import claim_run, gp, lab_config, largest_rise, plan_of, start_or_continue
 
 KINDS = {"actnorm": "ActNorm", "invconv": "1x1 conv", "conv3": "coupling output", "coupling": "coupling net",
          "prior": "priors"}  # the first key in a parameter's name names its kind
@@ -112,6 +112,12 @@ def report(run, steps, layers, log=print):
         log(f"  layers after epoch {e}: " + json.dumps(layers[e - 1]["parts"]))
 
 
+def records(path, epoch):
+    """The records of epochs 1..epoch in a jsonl file (none where it is missing): those the checkpoint holds."""
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    return [r for r in rows if r["epoch"] <= epoch]
+
+
 def run_spike(argv, where):
     p = gp.make_parser("A run with every step's gradients, updates and Adam state recorded, to explain a spike.")
     p.add_argument("--beta2", type=float, default=0.999, help="Adam's second-moment decay, every part (default: "
@@ -122,14 +128,17 @@ def run_spike(argv, where):
         raise gp.UsageError(f"--beta2: must be in (0, 1), got {beta2}")
     cfg = lab_config(args, "spike")
     where["out"] = cfg.out
-    with gp.claim_run_dir(cfg.out, hint="choose another --out"):
-        run, data = gp.start_run(cfg)
-        for optimizer in run.optimizers:
+    plan = plan_of(cfg, beta2=beta2)
+    for grows in ("epochs", "finetune"):  # a continuation may train longer
+        del plan["config"][grows]
+    with claim_run(cfg.out, plan):  # a stopped one: the same command continues it
+        run, data = start_or_continue(cfg)
+        for optimizer in run.optimizers if not run.epoch else []:  # a resumed Adam keeps its own
             for group in optimizer.param_groups:
                 group["betas"] = (group["betas"][0], beta2)
         probe = gp.preprocess(data[1][:256].to(cfg.device), cfg.n_bits,
                               generator=torch.Generator(device=cfg.device).manual_seed(0))
-        steps, layers = [], []
+        steps, layers = (records(os.path.join(cfg.out, name), run.epoch) for name in ("steps.jsonl", "layers.jsonl"))
         watch(run, steps)
 
         def log(line):

@@ -19,11 +19,12 @@ import os
 import statistics
 import sys
 
-from common import gp, largest_rise, markdown_table, read_curve
+from common import check_output, gp, largest_rise, markdown_table, read_curve, read_json
 
 
-def spikes(conditions, epochs, after, threshold):
-    """{label: [per run: its largest late rise, its epoch, whether it is a spike, bits/dim at `epochs`]}."""
+def spikes(conditions, epochs, after, threshold, statistic="median"):
+    """{label: [per run: its largest late rise, its epoch, whether it is a spike, bits/dim at `epochs`]}: rises
+    of the raw weights' (with --ema) median image, or mean, on the test images every epoch evaluates."""
     result = {}
     for label, dirs in conditions:
         rows = []
@@ -31,7 +32,11 @@ def spikes(conditions, epochs, after, threshold):
             curve = read_curve(d)[:epochs]
             if len(curve) < epochs:
                 raise gp.UsageError(f"{d} has {len(curve)} epochs, fewer than --epochs {epochs}")
-            key = "raw_test_bpd" if "raw_test_bpd" in curve[-1] else "test_bpd"
+            name = {"median": "test_median_bpd", "mean": "test_bpd"}[statistic]
+            key = "raw_" + name if "raw_test_bpd" in curve[-1] else name
+            if key not in curve[-1]:
+                raise gp.UsageError(f"{d}: its epochs record no {key} (runs before 2026-12-03 record the mean only: "
+                                    f"--statistic mean)")
             best = min(m[key] for m in curve[:after])
             epoch, rise = largest_rise([{"epoch": 0, key: best}] + curve[after:], key)
             rows.append({"run": d, "largest_late_rise": rise, "epoch": epoch, "spike": rise > threshold,
@@ -60,6 +65,13 @@ def parse_condition(text):
     return label, dirs.split(",")
 
 
+def is_spikes(path):
+    try:
+        return bool(read_json(path, "--out", "a spikes.json", ("conditions", "threshold")))
+    except gp.UsageError:
+        return False
+
+
 def run_spikes(argv, where):
     p = gp.Parser(description="How often alternate training spikes late, per condition, over seeds.",
                   allow_abbrev=False)
@@ -67,15 +79,24 @@ def run_spikes(argv, where):
     p.add_argument("--epochs", type=int, default=60, help="epochs of each run to read (default: 60)")
     p.add_argument("--after", type=int, default=20, help="a late rise comes after this epoch (default: 20)")
     p.add_argument("--threshold", type=float, default=1.0, help="a rise above this is a spike (default: 1.0)")
+    p.add_argument("--statistic", choices=("median", "mean"), default="median",
+                   help="the median image (robust: fixed before the runs of 2026-12-03) or the mean (default: median)")
     p.add_argument("--out", required=True, help="directory for spikes.json")
     args = p.parse_args(argv)
     if len({len(dirs) for _, dirs in args.conditions}) > 1:
         raise gp.UsageError("every condition needs the same number of runs, in the same seed order")
-    result = spikes(args.conditions, args.epochs, args.after, args.threshold)
+    if not 1 <= args.after < args.epochs or not args.threshold > 0:
+        raise gp.UsageError(f"want 1 <= --after < --epochs and --threshold > 0, got --after {args.after}, "
+                            f"--epochs {args.epochs}, --threshold {args.threshold}")
+    path = os.path.join(args.out, "spikes.json")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise gp.UsageError(f"--out {args.out}: a file is there; give a directory")
+    check_output(path if os.path.isdir(args.out) else args.out, mine=is_spikes)
+    result = spikes(args.conditions, args.epochs, args.after, args.threshold, args.statistic)
+    where["note"] = lambda out: f"{path} was not written"
     os.makedirs(args.out, exist_ok=True)
-    gp.write_atomic(os.path.join(args.out, "spikes.json"), json.dumps(
-        {"epochs": args.epochs, "after": args.after, "threshold": args.threshold, "conditions": result},
-        indent=1).encode())
+    gp.write_atomic(path, json.dumps({"epochs": args.epochs, "after": args.after, "threshold": args.threshold,
+                                      "statistic": args.statistic, "conditions": result}, indent=1).encode())
     print(table(result))
 
 

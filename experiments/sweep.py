@@ -28,8 +28,8 @@ from dataclasses import asdict, replace
 import numpy as np
 
 import stats
-from common import (claim_experiment, experiment_run, gp, lab_config, largest_rise, markdown_table, plan_of,
-                    read_curve, runs_note, write_results)
+from common import (claim_experiment, experiment_run, gp, lab_config, largest_rise, markdown_table, no_torchrun,
+                    plan_of, read_curve, read_timing, runs_note, write_results)
 
 
 def branch(trunk_out, out, epoch):
@@ -129,7 +129,7 @@ def seed_runs(work, log=None):
 
 def scores(out):
     """The per-image test scores of every epoch of the run in out, as its checkpoint keeps them."""
-    return gp.torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", mmap=True, weights_only=True)["scores"]
+    return gp.load_checkpoint(os.path.join(out, "checkpoint.pt"))["scores"]  # checked whole, as a resume checks it
 
 
 def gaps(arrays, seeds, name, against):
@@ -176,9 +176,10 @@ def time_statistics(A, F, timing):
     """A day's time ratio on the quiet cost axis, training only and with each epoch's evaluation: the medians'
     ratio and its range over the repeats."""
     N = A + F
-    return {"date": timing["date"], **{name: stats.time_ratio(A, F, N, stats.quiet_costs(timing, evaluation))
-                                       for name, evaluation in (("ratio", False), ("ratio_with_evaluation", True))},
-            "range": stats.time_range(A, F, N, timing), "range_with_evaluation": stats.time_range(A, F, N, timing, True)}
+    ratio = lambda evaluation: stats.time_ratio(A, F, N, stats.quiet_costs(timing, evaluation))  # noqa: E731
+    return {"date": timing["date"], "ratio": ratio(False), "ratio_with_evaluation": ratio(True),
+            "range": stats.time_range(A, F, N, timing),
+            "range_with_evaluation": stats.time_range(A, F, N, timing, True)}
 
 
 def equal_time(A, F, seeds, arrays, timings, margin):
@@ -215,11 +216,12 @@ def sweep_table(summary):
     rows = []
     for b in summary["by_split"]:
         at_time = b.get("equal_time", [{}])[0]
+        at_time_cells = decided(at_time) if at_time.get("images") else ["-", "-", "-"]
+        days = "; ".join(f"{t['ratio']:.3f} / {t['ratio_with_evaluation']:.3f} ({t['date']})" for t in b["time"])
         rows.append([str(b["budget"]), f"{b['alternate_epochs']} + {b['finetune_epochs']}", *decided(b),
-                     f"{at_time['epoch']}" if at_time else "-", *(decided(at_time) if at_time.get("images") else
-                       ["-", "-", "-"]), f"{b['gap_mean']:+.3f} {interval(b['gap_mean_ci'])}", f"{b['gap_median_image']:+.3f}",
-                     "; ".join(f"{t['ratio']:.3f} / {t['ratio_with_evaluation']:.3f} ({t['date']})" for t in b["time"])
-                     or "-", f"{max(b['outlier_share']['alternate']):.3f} / {max(b['outlier_share']['full']):.3f}"])
+                     f"{at_time['epoch']}" if at_time else "-", *at_time_cells,
+                     f"{b['gap_mean']:+.3f} {interval(b['gap_mean_ci'])}", f"{b['gap_median_image']:+.3f}", days or "-",
+                     f"{max(b['outlier_share']['alternate']):.3f} / {max(b['outlier_share']['full']):.3f}"])
     n, margin = len(summary["seeds"]), summary["margin"]
     rise = lambda r: "none" if r[0] is None else f"+{r[1]:.3f} (epoch {r[0]})"  # noqa: E731
     seeds = [[str(s["seed"]), rise(s["full_largest_rise"]), rise(s["alternate_largest_rise"])]
@@ -299,21 +301,6 @@ def parse_budgets(text):
     return [(2 * N // 3, N // 3) for N in budgets]
 
 
-def read_timing(path):
-    """A timing file (experiments/timing.py's JSON), checked: every phase with at least 2 positive repeats."""
-    try:
-        t = json.load(open(path))
-        ok = all(len(t["epoch_seconds"][p]) >= 2 and min(t["epoch_seconds"][p]) > 0 for p in stats.PHASES)
-        t["summary"], t["date"], t["machine"], t["threads"]  # noqa: B018: what the summary copies
-    except OSError as e:
-        raise gp.UsageError(f"--timing {path}: cannot read it ({e.strerror})") from None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        ok = False
-    if not ok:
-        raise gp.UsageError(f"--timing {path}: not a timing file (experiments/timing.py writes one)")
-    return t
-
-
 def run_sweep(argv, where):
     p = gp.make_parser("The budget sweep over seeds: full N epochs against alternate A + finetune F.",
                        without=("mode", "epochs", "finetune", "seed"))
@@ -331,8 +318,7 @@ def run_sweep(argv, where):
     p.add_argument("--results", help="recompute every statistic from a sweep's result files PREFIX.json and "
                                      "PREFIX-scores.npz (nothing trains; nothing is written)")
     args = p.parse_args(argv)
-    if gp.torchrun_env()[2] > 1:
-        raise gp.UsageError("the sweep times its runs in one process: run it without torchrun")
+    no_torchrun("the sweep trains its runs")
     if not 0 < args.margin < 1 or args.jobs < 1:
         raise gp.UsageError(f"want --margin in (0, 1) and --jobs at least 1, got {args.margin} and {args.jobs}")
     timings = [read_timing(t) for t in args.timing]

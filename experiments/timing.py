@@ -22,9 +22,8 @@ from dataclasses import asdict, replace
 
 import torch
 
-from common import gp, lab_config
-
-PHASES = ("full", "alternate", "finetune", "evaluation")
+from common import check_output, gp, lab_config, read_timing
+from stats import PHASES
 
 
 def timing(cfg, repeats, log=print):
@@ -46,6 +45,13 @@ def timing(cfg, repeats, log=print):
     return {phase: s[1:] for phase, s in seconds.items()}
 
 
+def is_timing(path):
+    try:
+        return bool(read_timing(path))
+    except gp.UsageError:
+        return False
+
+
 def describe(values):
     return {"median": statistics.median(values), "mean": statistics.fmean(values), "sd": statistics.stdev(values),
             "min": min(values), "max": max(values)}
@@ -61,8 +67,9 @@ def run_timing(argv, where):
     if repeats < 2:
         raise gp.UsageError(f"--repeats: want at least 2 (a spread), got {repeats}")
     del args.out
+    check_output(path, mine=is_timing)  # before the minutes of measuring
     cfg = lab_config(args, "timing")
-    where["out"] = None
+    where["note"] = lambda out: f"{path} was not written"
     seconds = timing(cfg, repeats)
     result = {"config": asdict(replace(cfg, out=None)), "threads": torch.get_num_threads(), "repeats": repeats,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
