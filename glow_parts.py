@@ -35,6 +35,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -47,11 +48,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-class UsageError(ValueError):
-    """Bad flags, data, checkpoint or run directory: the command says why in one line, exit code 2."""
-
-class RunStopped(Exception):
-    """The run cannot go on (a non-finite loss, a lost process): the command says why in one line, exit 1."""
 # -----------------------------------------------------------------------------
 # Invertible layers. One contract: forward(x) -> (y, logdet of shape (B,)), reverse(y) -> x.
 
@@ -177,14 +173,13 @@ def gaussian_log_prob(z, mean, logs):
     return lp.flatten(1).sum(1)
 
 class Split(nn.Module):
-    """Factor out half the channels as a latent z, scored by a learned prior N(z; mean(h), std(h)). Not a
-    bijection of one tensor: forward(x) -> (h, z, log p(z | h)); reverse(h, z) -> x (z None: sampled)."""
-    def __init__(self, channels, bound=None):
+    """Factor out half the channels as a latent z: x -> (h, z, log N(z; mean(h), std(h))), a learned prior."""
+    def __init__(self, channels, bound=0.0):
         super().__init__()
         self.prior = ZeroConv2d(channels // 2, channels)  # h -> (mean, log std) of z; N(0, I) at init
         self.bound = bound
 
-    def mean_logs(self, h):  # with a bound B (--prior-bound): log std = B tanh(raw / B), within (-B, B)
+    def mean_logs(self, h):  # a bound B > 0 (--prior-bound): log std = B tanh(raw / B), in (-B, B); 0: none
         mean, logs = self.prior(h).chunk(2, dim=1)
         return mean, self.bound * torch.tanh(logs / self.bound) if self.bound else logs
 
@@ -225,29 +220,32 @@ def default_parts(n_levels, n_steps):
         parts[n_levels // 2:n_levels // 2 + 1] = [n_steps // 2, n_steps - n_steps // 2]
     return parts
 
-def check_flow(parts, n_levels, n_steps, image_size):
-    """The parts (step counts in flow order; None: the poster's cut) as a list if they cut this flow."""
+def check_flow(parts, n_levels, n_steps, image_size, name=lambda setting: flags([setting])):
+    """The parts (step counts; None: the poster's cut) as a list if they cut this flow; else a UsageError."""
     parts = default_parts(n_levels, n_steps) if parts is None else list(parts)
     size = 2 ** n_levels  # each level halves the image
     if sum(parts) != n_levels * n_steps:
-        raise UsageError(f"--parts {','.join(map(str, parts))} sum to {sum(parts)}, but the flow has "
+        raise UsageError(f"{name('parts')} {','.join(map(str, parts))} sum to {sum(parts)}, but the flow has "
                          f"levels * steps = {n_levels} * {n_steps} = {n_levels * n_steps} steps")
     if image_size % size:
-        raise UsageError(f"--image-size {image_size} is not divisible by 2^levels = {size}; pass "
-                         f"--image-size {size * max(1, round(image_size / size))}, say")
+        raise UsageError(f"{name('image_size')} {image_size} is not divisible by 2^levels = {size}; try "
+                         f"{size * max(1, round(image_size / size))}")
     return parts
 
-def isolate(h, const):
-    """Where two parts meet: the ONE place gradient isolation happens.
+def check_arguments(**arguments):
+    """Glow's arguments, each checked as the setting it is; a UsageError names the argument."""
+    settings = {f.name: f for f in fields(Config)}  # in_channels: checked within hidden's range
+    settings.update(in_channels=settings["hidden"], n_levels=settings["levels"], n_steps=settings["steps"])
+    for name, value in arguments.items():
+        if value is not None or name != "parts":  # parts None: the poster's cut
+            check_setting(settings[name], list(value) if type(value) is tuple else value, name)
 
-    h is part k's input h_{k-1}; const holds the earlier parts' log-dets and split log-priors.
-      - h.detach(): part k's loss cannot reach parts < k, so no part is trained by a later part's
-        objective, and no gradient is ever computed, or sent, upstream of a part boundary.
-      - const.detach(): the earlier terms are constants for part k (they do not depend on its
-        parameters); detached, they add to L_k's value and nothing to anyone's gradient.
-    Two things complete the picture, both for cost, neither for correctness: Glow.truncated runs
-    the parts before the first learning part under no_grad (no graph is kept for them) and does not
-    run the parts after the last one; and the training loop steps only the learning parts' Adams."""
+def isolate(h, const):
+    """Where two parts meet: the ONE place gradient isolation happens. h is part k's input h_{k-1}; const
+    holds the earlier parts' log-dets and split log-priors.
+      - h.detach(): part k's loss reaches no part before it; no gradient crosses a part boundary.
+      - const.detach(): the earlier terms, constants for part k, add to L_k's value and to no gradient.
+    For cost alone, Glow.truncated keeps no graph before the first learning part, runs none after the last."""
     return h.detach(), const.detach()
 
 class Part(nn.Module):
@@ -259,7 +257,8 @@ class Part(nn.Module):
 
     def forward(self, h):
         """h_{k-1} -> (h_k, split-off latents, sum of log-dets (B,), sum of log p(z | .) (B,))."""
-        zs, logdet, logp = [], 0, 0
+        zs = []
+        logdet = logp = 0
         for layer in self.layers:
             if isinstance(layer, Split):
                 h, z, lp = layer(h)
@@ -276,17 +275,17 @@ class Part(nn.Module):
         return h
 
 class Glow(nn.Module):
-    """Multi-scale Glow: per level a squeeze, n_steps flow steps, and (except the last) a split.
-
-    The n_levels * n_steps flow steps form one sequence that `parts` (step counts) cuts into contiguous
-    parts. A squeeze goes to the part holding its level's first step, a split to the part holding its
-    level's last step, the top prior to the last part: every parameter is in exactly one part. Call
-    initialize(x) on a batch before training (ActNorm's init)."""
+    """Multi-scale Glow: per level a squeeze, n_steps flow steps and (but the last) a split, the steps cut
+    into contiguous parts; each parameter is in exactly one. Call initialize(x) on a batch before training."""
     def __init__(self, in_channels=3, image_size=32, n_levels=3, n_steps=32, hidden=512, parts=None,
                  n_bits=8, part_prior="standard", prior_bound=5.0):
         super().__init__()
-        parts = check_flow(parts, n_levels, n_steps, image_size)
-        self.n_bits, self.part_sizes, self.n_splits = n_bits, parts, n_levels - 1
+        check_arguments(in_channels=in_channels, image_size=image_size, n_levels=n_levels, n_steps=n_steps,
+                        hidden=hidden, parts=parts, n_bits=n_bits, part_prior=part_prior,
+                        prior_bound=prior_bound)
+        self.part_sizes = parts = check_flow(parts, n_levels, n_steps, image_size, name=str)
+        self.n_bits = n_bits
+        self.n_splits = n_levels - 1
         self.n_dims = in_channels * image_size ** 2  # D
         owner = [k for k, size in enumerate(parts) for _ in range(size)]  # the part of each step
         layers, shapes = [[] for _ in parts], [None] * len(parts)  # each part's layers and output shape
@@ -294,7 +293,7 @@ class Glow(nn.Module):
         for level in range(n_levels):
             first, last = level * n_steps, (level + 1) * n_steps - 1
             C, S = 4 * C, S // 2
-            layers[owner[first]].append(Squeeze())
+            layers[owner[first]].append(Squeeze())  # to the part of the level's first step; a split: its last
             for i in range(first, last + 1):
                 layers[owner[i]].append(FlowStep(C, hidden))
                 shapes[owner[i]] = (C, S, S)
@@ -314,13 +313,13 @@ class Glow(nn.Module):
         self(x)
 
     def forward(self, x):
-        """x (B, C, H, W), preprocessed -> (zs, logdet, logpz), end to end: the latents (split-off
-        first, final last), log|det| of the whole map (B,), and the latents' log-density under the
-        priors (B,). So log p(x) = logdet + logpz, and gradients reach every part."""
-        zs, logdet, logpz = [], x.new_zeros(x.shape[0]), x.new_zeros(x.shape[0])
+        """x (B, C, H, W) -> (latents, split-off first; log|det| (B,); their log-density (B,)), end to end."""
+        zs = []
+        logdet = logpz = x.new_zeros(x.shape[0])
         for part in self.parts:
             x, z, ld, lp = part(x)
-            zs, logdet, logpz = zs + z, logdet + ld, logpz + lp
+            zs += z
+            logdet, logpz = logdet + ld, logpz + lp
         return zs + [x], logdet, logpz + self.parts[-1].prior.log_prob(x)
 
     def log_prob(self, x):
@@ -330,11 +329,11 @@ class Glow(nn.Module):
 
     def truncated(self, x, parts=None, start=0, const=None):
         """[log p_k(x) in nats, (B,)] of the flows truncated after each part k in `parts` (ascending; default
-        all), in one pass: each reaches only part k's parameters, so -log p_k(x) is part k's objective L_k.
-        Before parts[0], no_grad; after parts[-1], nothing runs (see isolate). x may also be the input of
-        part `start`, with const the terms of the parts before it (a pipeline of parts)."""
+        all), in one pass: each reaches only part k's parameters, so -log p_k(x) is part k's objective L_k. x
+        may also be the input of part `start`, with const the terms of the parts before it (a pipeline)."""
         parts = list(range(start, len(self.parts))) if parts is None else list(parts)
-        h, const, log_probs = x, x.new_zeros(x.shape[0]) if const is None else const, []
+        h, log_probs = x, []
+        const = x.new_zeros(x.shape[0]) if const is None else const
         for k in range(start, parts[-1] + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= parts[0]):
                 h, const = isolate(h, const)
@@ -349,11 +348,9 @@ class Glow(nn.Module):
         return self.bits_per_dim(self.truncated(x, [k])[0]).mean()
 
     def bits_per_dim(self, log_prob):
-        """Discrete NLL in bits per dimension from the continuous log-density log p(x) (nats, (B,)).
-
-        Pixels are integers in n_bins = 2^n_bits bins of width 1/n_bins on [-0.5, 0.5]; with uniform
-        dequantization log P(bin) >= log p(x) - D * log(n_bins), so the bits/dim are
-        (-log p(x) + D log n_bins) / (D ln 2) = -log p(x) / (D ln 2) + n_bits."""
+        """Discrete NLL in bits/dim from the continuous log p(x) (nats, (B,)). Pixels are integers in n_bins =
+        2^n_bits bins of width 1/n_bins on [-0.5, 0.5]; uniform dequantization gives log P(bin) >= log p(x) -
+        D log(n_bins), so bits/dim = (-log p(x) + D log n_bins) / (D ln 2) = -log p(x) / (D ln 2) + n_bits."""
         return -log_prob / (self.n_dims * math.log(2)) + self.n_bits
 
     def reverse(self, zs, temperature=1.0):
@@ -380,8 +377,7 @@ DATASETS = {  # channels, size, training and test images (what a loaded dataset 
 INIT_BATCH = 256  # images for ActNorm's data-dependent init (the official code's n_batch_init)
 
 def preprocess(x, n_bits, noise=True, generator=None):
-    """uint8 images (B, C, H, W) -> floats in [-0.5, 0.5): the top n_bits of each pixel, one of 2^n_bits bins
-    of width 1/2^n_bits, plus uniform noise within its bin (dequantization: see Glow.bits_per_dim)."""
+    """uint8 images -> floats in [-0.5, 0.5): each pixel's top n_bits, plus uniform noise within its bin."""
     n_bins = 2 ** n_bits
     x = torch.div(x, 2 ** (8 - n_bits), rounding_mode="floor").float() / n_bins - 0.5
     if noise:
@@ -389,8 +385,7 @@ def preprocess(x, n_bits, noise=True, generator=None):
     return x.contiguous(memory_format=torch.channels_last)  # faster convolutions, measured on CPU
 
 def load_images(name, root="./data", download=True):
-    """(train, test) uint8 tensors (N, C, H, W), each split checked against DATASETS. digits: scikit-learn's
-    8x8 digits (16 grey levels, scaled to 0..255 in steps of 17); the others come through torchvision."""
+    """(train, test) uint8 images (N, C, H, W), checked against DATASETS; all but digits via torchvision."""
     C, S, n_train, n_test, where = DATASETS[name]
     if name == "digits":
         from sklearn.datasets import load_digits
@@ -407,7 +402,8 @@ def load_images(name, root="./data", download=True):
         except Exception as e:  # offline download, missing or corrupt files: torchvision raises many kinds
             for d in made:
                 shutil.rmtree(d, ignore_errors=True)  # leave no half-made tree behind
-            why = ": ".join([type(e).__name__, *str(e).strip().splitlines()[:1]])
+            bad = damaged_file(cls, root)
+            why = f"{bad} is missing or damaged" if bad else f"{type(e).__name__}: {e}".splitlines()[0]
             raise UsageError(f"could not load {name} ({why}); put it in {root}/{where}, or try the "
                              f"offline --dataset digits") from None
         data = [d.permute(0, 3, 1, 2).contiguous() if d.ndim == 4 else d[:, None] for d in data]  # NHWC/NHW
@@ -416,6 +412,20 @@ def load_images(name, root="./data", download=True):
             raise UsageError(f"{name}'s {split} split in {root} holds {len(images)} images of "
                              f"{'x'.join(map(str, images.shape[1:]))}, not {n} of {C}x{S}x{S}: another file?")
     return data
+
+def damaged_file(cls, root):
+    """The first file of a torchvision dataset in root that is missing or does not read whole, or None."""
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+    from torchvision.datasets.utils import check_integrity
+    if hasattr(cls, "train_list"):  # CIFAR-10: pickled batches with known checksums
+        files = [(os.path.join(root, cls.base_folder, f), md5) for f, md5 in cls.train_list + cls.test_list]
+        return next((path for path, md5 in files if not check_integrity(path, md5)), None)
+    for url, _ in cls.resources:  # MNIST, Fashion-MNIST: the four unzipped idx files
+        path = os.path.join(root, cls.__name__, "raw", os.path.basename(url).removesuffix(".gz"))
+        try:
+            read_sn3_pascalvincent_tensor(path)  # its header, and a size that agrees with it
+        except Exception:
+            return path
 
 def resize(images, size):
     if images.shape[-2:] == (size, size):
@@ -432,6 +442,12 @@ def batches(images, batch_size, seed, epoch):
 # -----------------------------------------------------------------------------
 # The settings of a run: each is a flag, checked wherever it comes from (flags, a checkpoint, code).
 
+class UsageError(ValueError):
+    """Bad flags, arguments, data, checkpoint or run directory: one line (the command: exit code 2)."""
+
+class RunStopped(Exception):
+    """The run cannot go on (a non-finite loss, a lost process): the command says why in one line, exit 1."""
+
 MODES = ("full", "alternate", "sequential", "parallel")
 END_TO_END = ("full", "finetune")  # the phases that backpropagate the whole flow's bits/dim
 F32 = torch.finfo(torch.float32)
@@ -439,20 +455,25 @@ F32 = torch.finfo(torch.float32)
 def flags(names):
     return ", ".join("--" + name.replace("_", "-") for name in names)
 
-def setting(default, help, kind, low=None, high=None, choices=None, many=False):
-    """A Config field: its kind (of each item if `many` allows a list), range (ints closed, floats open)."""
+def setting(default, help, kind, low=None, high=None, choices=None, many=False, zero=None):
+    """A Config field: kind (of each item if `many`), range (ints closed, floats open), and what 0 means."""
+    help += f"; 0: {zero}" if zero else ""
     return field(default=default, metadata=dict(help=help, kind=kind, low=low, high=high, choices=choices,
-                                                many=many))
+                                                many=many, zero=zero))
 
-def check_setting(f, value):
-    """UsageError naming the flag unless value suits Config field f (a float: one that float32 holds)."""
-    m, name, kind = f.metadata, flags([f.name]), f.metadata["kind"]
+def check_setting(f, value, name=None):
+    """UsageError naming the flag (or `name`) unless value suits Config field f; a float must fit float32."""
+    m, kind = f.metadata, f.metadata["kind"]
+    name = name or flags([f.name])
     if isinstance(value, list) and not (m["many"] and value):
         raise UsageError(f"{name}: want one {kind.__name__}" + " or a list" * m["many"] + f", got {value!r}")
+    low, high = m["low"], math.inf if m["high"] is None else m["high"]
+    accepted = (int, float) if kind is float else kind  # 1 is a float too
     for v in value if isinstance(value, list) else [value]:
-        low, high, number = m["low"], math.inf if m["high"] is None else m["high"], (int, float)
-        if not isinstance(v, number if kind is float else kind) or isinstance(v, bool) != (kind is bool):
+        if not isinstance(v, accepted) or isinstance(v, bool) != (kind is bool):
             raise UsageError(f"{name}: want {kind.__name__}, got {v!r}")
+        if kind is float and v == 0 and m["zero"]:
+            continue
         if kind is float and not F32.tiny <= abs(v) <= F32.max:  # nan fails too
             raise UsageError(f"{name}: {v} is not a number that float32 holds")
         if low is not None and not (low <= v <= high if kind is int else low < v < high):
@@ -478,12 +499,14 @@ class Config:
     hidden: int = setting(512, "channels of the coupling networks", int, 1, 65536)
     parts: list | None = setting(None, "steps per part, in flow order; None: the poster's", int, 1, many=True)
     part_prior: str = setting("standard", "a part's output prior", str, choices=("standard", "learned"))
-    prior_bound: float | None = setting(5.0, "the split priors' log-std in (-B, B); 0: unbounded", float, 0.0)
+    prior_bound: float = setting(5.0, "the split priors' log-std in (-B, B)", float, 0.0, zero="unbounded")
     batch_size: int = setting(64, "images per step (the global batch under torchrun)", int, 1)
     lr: float | list = setting(1e-3, "Adam's rate, or one per part: 1e-3,2e-3,2e-3,1e-3", float, 0, many=True)
     warmup: int | None = setting(None, "linear warmup over a part's first N updates; None: its turns in an "
                                  "epoch, at most 500", int, 1)
-    decay: int | None = setting(None, "then every rate falls on a half cosine to 0 at epoch N", int, 1)
+    decay: int | list | None = setting(None, "then every rate falls on a half cosine to 0 at epoch N; N,M: "
+                                       "one per phase, the mechanism's N epochs, then finetuning's M", int, 1,
+                                       many=True)
     alternate_every: int = setting(1, "steps per turn in alternate mode", int, 1)
     clip: float | None = setting(None, "clip each learning part's gradient to this norm", float, 0.0)
     compile: bool | None = setting(None, "torch.compile each part; None: on a GPU, not a CPU (minutes)", bool)
@@ -498,7 +521,7 @@ class Config:
             if getattr(self, f.name) is not None or type(None) not in getattr(f.type, "__args__", ()):
                 check_setting(f, getattr(self, f.name))
         _, native, n_train, n_test, _ = DATASETS[self.dataset]
-        n_images = min(self.subset or n_train, n_train)  # the training images a run uses
+        n_images = self.subset or n_train  # the training images a run uses (a --subset too large: refused)
         for flag, n, have, split in (("subset", self.subset, n_train, "training"),
                                      ("test-subset", self.test_subset, n_test, "test"),
                                      ("batch-size", self.batch_size, n_images, "training")):
@@ -514,6 +537,10 @@ class Config:
         if len(self.lr) != len(self.parts):
             raise UsageError(f"--lr gives {len(self.lr)} rates for {len(self.parts)} parts")
         self.warmup = self.warmup or max(1, min(500, n_images // self.batch_size // len(self.parts)))  # turns
+        if isinstance(self.decay, list) and len(self.decay) == 1:  # --decay N: one cosine over the run
+            self.decay = self.decay[0]
+        if isinstance(self.decay, list) and len(self.decay) != 2:
+            raise UsageError(f"--decay: want N, or N,M (a cosine per phase), got {len(self.decay)} values")
 
 # -----------------------------------------------------------------------------
 # Training: one loop for every mechanism; a schedule says which parts learn on each step.
@@ -568,12 +595,15 @@ def train(run, data, log=print, shard=slice(None)):
     """Train run.cfg's mechanism, then its finetuning: every mechanism is this one loop, differing only in
     which parts learn on a step and the loss it backpropagates. `shard`: this process's rows of a batch."""
     from tqdm import tqdm
-    cfg, model, (train_images, test_images), device = run.cfg, run.model, data, torch.device(run.cfg.device)
+    cfg, model = run.cfg, run.model
+    device = torch.device(cfg.device)
+    train_images, test_images = check_data(cfg, data)
     n_parts, epoch_steps = len(model.parts), len(train_images) // cfg.batch_size
     params, averages = list(model.parameters()), list(run.ema.parameters()) if run.ema else None
     for epoch in range(run.epoch + 1, cfg.epochs + cfg.finetune + 1):
-        phase, past, length = ((cfg.mode, epoch - 1, cfg.epochs) if epoch <= cfg.epochs else  # the mechanism,
-                               ("finetune", epoch - 1 - cfg.epochs, cfg.finetune))  # then finetuning
+        phase = cfg.mode if epoch <= cfg.epochs else "finetune"  # the mechanism, then finetuning
+        past = epoch - 1 if phase != "finetune" else epoch - 1 - cfg.epochs  # the phase's epochs done
+        length = cfg.epochs if phase != "finetune" else cfg.finetune
         loss_sums, loss_counts = [0.0] * n_parts, [0] * n_parts
         sync(device)
         t_epoch = time.perf_counter()
@@ -592,7 +622,10 @@ def train(run, data, log=print, shard=slice(None)):
                                  f"({phase}), step {i}")
             model.zero_grad(set_to_none=True)
             sum(step_losses).backward()
-            progress = min(1.0, run.steps / (cfg.decay * epoch_steps)) if cfg.decay else 0.0  # of the decay
+            if isinstance(cfg.decay, list):  # a half cosine per phase: the mechanism's, then finetuning's
+                progress = min(1.0, step / (cfg.decay[phase == "finetune"] * epoch_steps))
+            else:  # one half cosine over the whole run, or none
+                progress = min(1.0, run.steps / (cfg.decay * epoch_steps)) if cfg.decay else 0.0
             step_parts(run, learning, 0.5 * (1 + math.cos(math.pi * progress)))  # only the learning parts
             if run.ema:  # Polyak averaging; the decay grows from 0.1 so the average starts near the weights
                 with torch.no_grad():
@@ -604,16 +637,15 @@ def train(run, data, log=print, shard=slice(None)):
         sync(device)
         run.seconds += time.perf_counter() - t_epoch
         train_parts = [s / c if c else None for s, c in zip(loss_sums, loss_counts)]
-        finish_epoch(run, epoch, phase, train_parts, evaluate_run(run, test_images), log)
+        finish_epoch(run, epoch, phase, train_parts, evaluate_run(run, test_images), log, shard.step or 1)
     return run
 
 FEW = 0.05  # bits/dim: the images worse than noise "make the mean" where they add more than this to it
 
 @torch.no_grad()
 def evaluate(model, images, batch_size, device):
-    """The test metrics: the mean bits/dim (test_bpd, the paper's) and each truncated flow's (part_losses);
-    the median image; the images worse than noise (above n_bits): how many, and what they add to the mean
-    (the mean minus the mean without them; all: minus n_bits); every image's bits/dim (per_image)."""
+    """The test metrics: mean bits/dim (test_bpd) and each truncated flow's (part_losses); the median image's;
+    the images worse than noise (> n_bits): how many, what they add to the mean; every image's (per_image)."""
     scores = []  # each batch's (parts, B) bits/dim; no layer here acts differently in eval mode
     generator = torch.Generator(device=device).manual_seed(0)  # every evaluation: the same noisy test set
     for i in range(0, len(images), batch_size):
@@ -638,27 +670,36 @@ def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-def finish_epoch(run, epoch, phase, train_parts, test, log):
+def finish_epoch(run, epoch, phase, train_parts, test, log, processes=1):
     """Record and print the epoch's metrics; write the checkpoint (the run) first, then metrics, samples."""
+    bad = [k + 1 for k, v in enumerate(test["part_losses"]) if not math.isfinite(v)]
+    if bad or not math.isfinite(test.get("raw_test_bpd", 0.0)):  # stop before this epoch's checkpoint
+        where = f"part {bad[0]} of {len(test['part_losses'])}" if bad else "the raw weights"
+        raise RunStopped(f"non-finite test bits/dim in {where} at epoch {epoch} ({phase})")
     run.epoch, parts = epoch, None if phase in END_TO_END else train_parts  # parts' own losses: where alone
     run.scores.append(test.pop("per_image"))
     run.history.append({"epoch": epoch, "phase": phase, "train_bpd": train_parts[-1], **test,
-                        "train_part_losses": parts, "seconds": run.seconds, "steps": run.steps})
+                        "train_part_losses": parts, "seconds": run.seconds, "steps": run.steps,
+                        "processes": processes})  # train_bpd: process 0's rows of each batch
     log(f"epoch {epoch:3d} | {phase:10s} | train " + (f"{train_parts[-1]:.3f}" if train_parts[-1] else "-")
         + f" | test {test['test_bpd']:.3f} | parts " + " ".join(f"{v:.3f}" for v in test["part_losses"])
         + f" | {run.seconds:7.1f} s" + (f" | raw weights {test['raw_test_bpd']:.3f}" if run.ema else "")
         + (f" | {test['test_outliers']} images worse than noise add {test['test_outlier_share']:.3f} to the "
            f"mean (median image {test['test_median_bpd']:.3f})" if test["test_outlier_share"] > FEW else ""))
-    # drawn whether or not they are written, so that every run and process takes the same random numbers
-    samples = ((run.ema or run.model).sample(64, temperature=0.7) + 0.5).clamp(0, 1).float().cpu()
-    if run.cfg.out:
-        from torchvision.utils import save_image
+    png = sample_grid(run)  # drawn whether or not written: every process takes the same random numbers
+    if run.cfg.out:  # the files, in this order, right after each other (the slow work is done)
         save_checkpoint(run)
         write_atomic(os.path.join(run.cfg.out, "metrics.jsonl"), metrics_text(run.history).encode())
-        png = io.BytesIO()
-        samples = F.interpolate(samples, scale_factor=max(1, 64 // samples.shape[-1]))  # big enough to see
-        save_image(samples, png, format="png", nrow=8, padding=4)
-        write_atomic(os.path.join(run.cfg.out, f"samples_{epoch:03d}.png"), png.getvalue())
+        write_atomic(os.path.join(run.cfg.out, f"samples_{run.epoch:03d}.png"), png)
+
+def sample_grid(run):
+    """64 samples of the model (with --ema, of the average) as a PNG grid."""
+    from torchvision.utils import save_image
+    samples = ((run.ema or run.model).sample(64, temperature=0.7) + 0.5).clamp(0, 1).float().cpu()
+    png = io.BytesIO()
+    samples = F.interpolate(samples, scale_factor=max(1, 64 // samples.shape[-1]))  # big enough to see
+    save_image(samples, png, format="png", nrow=8, padding=4)
+    return png.getvalue()
 
 # -----------------------------------------------------------------------------
 # Runs: build, checkpoint (atomic, checked whole), resume exactly.
@@ -676,7 +717,9 @@ def build_model(cfg):
     torch.manual_seed(cfg.seed)
     model = glow().to(cfg.device, memory_format=torch.channels_last)
     if cfg.compile:  # a graph per part, grad mode and batch size; static shapes; reverse, sample: eager
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(model.parts))
+        dynamo = torch._dynamo.config  # the limit's name before torch 2.7: cache_size_limit
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, limit, max(getattr(dynamo, limit), 8 * len(model.parts)))
         for part in model.parts:
             part.compile(dynamic=False)
     return model
@@ -685,6 +728,16 @@ def prepare_data(cfg):
     """(train, test) uint8 images of the dataset named in cfg, subset and resized."""
     train, test = load_images(cfg.dataset, cfg.data_dir)
     return resize(train[:cfg.subset], cfg.image_size), resize(test[:cfg.test_subset], cfg.image_size)
+
+def check_data(cfg, data):
+    """data as train and start_run take it, (train, test) uint8 images of cfg's shape; else a UsageError."""
+    shape = (DATASETS[cfg.dataset][0], cfg.image_size, cfg.image_size)
+    pair = isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(d) for d in data)
+    fit = pair and all(d.dtype == torch.uint8 and d.shape[1:] == shape for d in data)
+    if not fit or len(data[0]) < cfg.batch_size or not len(data[1]):  # a batch to train on, an image to test
+        raise UsageError(f"data: want (train, test) uint8 tensors of {'x'.join(map(str, shape))} images, at "
+                         f"least --batch-size {cfg.batch_size} to train on (prepare_data(cfg) gives them)")
+    return data
 
 def write_atomic(path, data):
     """Bytes to path via a temporary file and a rename: a reader sees the old file or the new, never half."""
@@ -703,15 +756,30 @@ def metrics_text(history):
 
 CHECKPOINT = {"config": dict, "model": dict, "optimizers": list, "rng": dict, "ema": (dict, type(None)),
               "updates": list, "epoch": int, "seconds": float, "steps": int, "history": list, "scores": list}
+RUN_FIELDS = ("updates", "epoch", "seconds", "steps", "history", "scores")  # the Run's own fields it holds
+
+def unsound_values(ckpt):
+    """What in a checkpoint no run can go on from: a NaN or an infinity, or Adam settings out of range."""
+    tensors = [*ckpt["model"].values(), *(ckpt["ema"] or {}).values(), *ckpt["scores"],
+               *(t for o in ckpt["optimizers"] for s in o["state"].values() for t in s.values())]
+    if not all(t.isfinite().all() for t in tensors if t.is_floating_point()):
+        return "a NaN or an infinite value"
+    adam = [g for o in ckpt["optimizers"] for g in o["param_groups"]]
+    if not all(0 <= g["betas"][0] < 1 and 0 <= g["betas"][1] < 1 and 0 < g["eps"] < 1 for g in adam):
+        return "Adam settings out of range (betas in [0, 1), eps in (0, 1))"
+    return None
 
 def save_checkpoint(run):
     """Everything a resume needs: the config, weights, every part's Adam, counters, RNG, metrics, scores."""
     cuda = torch.device(run.cfg.device).type == "cuda"
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(run.cfg.device) if cuda else None}
+    ckpt = {"config": asdict(run.cfg), "model": run.model.state_dict(), "rng": rng,
+            "optimizers": [o.state_dict() for o in run.optimizers], "ema": run.ema and run.ema.state_dict(),
+            **{k: getattr(run, k) for k in RUN_FIELDS}}
+    if unsound_values(ckpt):  # never a checkpoint that --resume refuses: the one before it stays
+        raise RunStopped(f"the model of epoch {run.epoch} holds {unsound_values(ckpt)}")
     buffer = io.BytesIO()  # written whole by write_atomic: a full disk is an OSError naming the file
-    torch.save({"config": asdict(run.cfg), "model": run.model.state_dict(), "rng": rng, "optimizers": [
-        o.state_dict() for o in run.optimizers], "ema": run.ema and run.ema.state_dict(), **{
-        k: getattr(run, k) for k in list(CHECKPOINT)[5:]}}, buffer)
+    torch.save(ckpt, buffer)
     write_atomic(os.path.join(run.cfg.out, "checkpoint.pt"), buffer.getbuffer())
 
 def load_checkpoint(path):
@@ -726,18 +794,19 @@ def load_checkpoint(path):
         if odd:
             raise UsageError(f"its config lacks or has unknown settings: {', '.join(odd)}")
         cfg = Config(**ckpt["config"])  # each setting checked, as a flag is
-        h, steps, updates, epoch = ckpt["history"], ckpt["steps"], ckpt["updates"], ckpt["epoch"]
-        last = h[-1] if h else {"steps": 0, "seconds": 0.0}
+        epoch, steps = ckpt["epoch"], ckpt["steps"]
+        last = ckpt["history"][-1] if ckpt["history"] else {"steps": 0, "seconds": 0.0}
         n_test = cfg.test_subset or DATASETS[cfg.dataset][3]  # the images every evaluation scores
-        if ([m["epoch"] for m in h] != list(range(1, epoch + 1)) or len(ckpt["scores"]) != epoch
-                or [steps, ckpt["seconds"]] != [last["steps"], last["seconds"]]
-                or not all(type(u) is int and 0 <= u <= steps for u in updates) or sum(updates) < steps
-                or any(s.dtype != torch.float32 or s.shape != (n_test,) for s in ckpt["scores"])):
-            raise UsageError("its epoch, steps, seconds, updates or scores do not match its history")
-        tensors = [*ckpt["model"].values(), *(ckpt["ema"] or {}).values(), *ckpt["scores"],
-                   *(t for o in ckpt["optimizers"] for s in o["state"].values() for t in s.values())]
-        if not all(t.isfinite().all() for t in tensors if t.is_floating_point()):
-            raise UsageError("it holds a NaN or an infinite value")
+        agree = {"epoch": [m["epoch"] for m in ckpt["history"]] == list(range(1, epoch + 1)),
+                 "steps": [steps, ckpt["seconds"]] == [last["steps"], last["seconds"]],
+                 "updates": all(type(u) is int and 0 <= u <= steps for u in ckpt["updates"])
+                 and sum(ckpt["updates"]) >= steps,  # every step updates at least one part
+                 "scores": len(ckpt["scores"]) == epoch
+                 and all(s.dtype == torch.float32 and s.shape == (n_test,) for s in ckpt["scores"])}
+        if not all(agree.values()):
+            raise UsageError(f"its {', '.join(k for k in agree if not agree[k])} do not match its history")
+        if unsound_values(ckpt):
+            raise UsageError(f"it holds {unsound_values(ckpt)}")
     except UsageError as e:
         raise UsageError(f"--resume: {path}: {e}") from None
     except Exception as e:  # none there, not a checkpoint, or one that does not hold what it says
@@ -764,24 +833,27 @@ def start_run(cfg, data=None, ckpt=None):
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         detail = str(e).strip().splitlines()[-1].strip()  # the last line says where
         raise UsageError(f"--resume: the checkpoint does not fit its config ({detail})") from None
-    train_images, test_images = data if data is not None else prepare_data(cfg)
+    train_images, test_images = check_data(cfg, data if data is not None else prepare_data(cfg))
     if not ckpt:
         model.initialize(preprocess(train_images[:INIT_BATCH].to(cfg.device), cfg.n_bits,
                                     generator=torch.Generator(device=cfg.device).manual_seed(cfg.seed)))
         torch.manual_seed(cfg.seed)  # every mechanism sees the same dequantization noise
         run.ema = copy.deepcopy(model) if cfg.ema else None
         return run, (train_images, test_images)
-    for key in list(CHECKPOINT)[5:]:  # the Run's own fields: its counters, history and scores
+    for key in RUN_FIELDS:  # its counters, history and scores
         setattr(run, key, ckpt[key])
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if torch.device(cfg.device).type == "cuda" and ckpt["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], cfg.device)
-    metrics, text = os.path.join(cfg.out, "metrics.jsonl") if cfg.out else None, metrics_text(run.history)
-    if not text.startswith(open(metrics).read() if metrics and os.path.isfile(metrics) else ""):
-        raise UsageError(f"--resume: {cfg.out}/checkpoint.pt is not the run in {cfg.out}: its history "
-                         f"differs from metrics.jsonl there")
-    if metrics:  # the metrics of every epoch the checkpoint holds, also where a stop lost the last
+    if cfg.out:  # the metrics and samples of every epoch it holds, also where a stop lost the last
+        metrics, text = os.path.join(cfg.out, "metrics.jsonl"), metrics_text(run.history)
+        if not text.startswith(open(metrics).read() if os.path.isfile(metrics) else ""):
+            raise UsageError(f"--resume: {cfg.out}/checkpoint.pt and metrics.jsonl there hold different runs")
         write_atomic(metrics, text.encode())
+        samples = os.path.join(cfg.out, f"samples_{run.epoch:03d}.png")
+        if run.epoch and not os.path.exists(samples):
+            with torch.random.fork_rng(devices=[cfg.device] if cfg.device.startswith("cuda") else []):
+                write_atomic(samples, sample_grid(run))  # the run's own random numbers stay as they were
     return run, (train_images, test_images)
 
 # -----------------------------------------------------------------------------
@@ -816,14 +888,25 @@ def init_distributed(cfg, local_rank):
 # Command line: Config's fields as flags; one writer per directory, nothing lost, any failure one line.
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")  # -1e-3: a value
+
     def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage too)
         raise UsageError(message)
+
+def comma_list(kind):  # a flag's parser for values of `kind` separated by commas
+    def parse(text):
+        try:
+            return [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want comma-separated {kind.__name__}s, got {text!r}") from None
+    return parse
 
 def make_parser(description, without=()):
     """Config's fields but those `without` as flags; one not given keeps Config's (--resume: the run's)."""
     p = Parser(description=description, allow_abbrev=False)  # --mode is not --modes
-    parse = {"parts": lambda t: [int(v) for v in t.split(",")], "prior_bound": lambda t: float(t) or None,
-             "lr": lambda t: [float(v) for v in t.split(",")]}
+    parse = {"parts": comma_list(int), "lr": comma_list(float), "decay": comma_list(int)}
     for f in (f for f in fields(Config) if f.name not in without):
         m = f.metadata
         how = ({"action": argparse.BooleanOptionalAction} if m["kind"] is bool else
@@ -836,26 +919,30 @@ RESUMABLE = ("epochs", "finetune", "lr", "warmup", "clip", "data_dir", "device",
 
 def resume_config(ckpt, given, log=print):
     """A resumed run's Config: the checkpoint's, with the flags given that a resume may change (RESUMABLE)."""
-    cfg, saved, done = Config(**{**ckpt["config"], **given}), Config(**ckpt["config"]), ckpt["epoch"]
-    changed = [k for k in given if getattr(cfg, k) != getattr(saved, k)]
-    fixed = [k for k in changed if k not in RESUMABLE]
+    saved, done = Config(**ckpt["config"]), ckpt["epoch"]
+    fixed = [k for k in given if k not in RESUMABLE and given[k] != getattr(saved, k)]  # as the user gave it
     if fixed:
         raise UsageError(f"{flags(fixed[:1])}: the run keeps its {fixed[0]} = {getattr(saved, fixed[0])} (a "
                          f"resume may change {flags(RESUMABLE)})")
+    cfg = Config(**{**ckpt["config"], **given})
     if cfg.epochs != saved.epochs and (saved.mode == "sequential" or done > min(cfg.epochs, saved.epochs)):
         raise UsageError(f"--epochs {cfg.epochs}: this {saved.mode} run of {saved.epochs} epochs has trained "
                          f"{done} (sequential turns follow --epochs): keep it, change --finetune")
-    if cfg.epochs + cfg.finetune <= done:
-        raise UsageError(f"the run in {cfg.out} already has {done} epochs: ask for more epochs")
-    for k in changed:
+    if cfg.epochs + cfg.finetune < done:
+        raise UsageError(f"the run in {cfg.out} already has {done} epochs: ask for at least that many")
+    if cfg.epochs + cfg.finetune == done:
+        log(f"resume: nothing left to train in {cfg.out}; metrics and samples rewritten from the checkpoint")
+    for k in (k for k in given if getattr(cfg, k) != getattr(saved, k)):
         log(f"resume: {flags([k])} {getattr(cfg, k)} (was {getattr(saved, k)})")
     return cfg
 
-def config_from_args(args, log=print):
-    """(Config, checkpoint or None) from parsed flags (on --resume: resume_config's), checked but for data."""
+def config_from_args(args, log=print, check=None):
+    """(Config, checkpoint or None) from parsed flags, checked but for data; check(checkpoint) on --resume."""
     given = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
     given.setdefault("out", f"runs/{given.get('dataset', 'cifar10')}-{given.get('mode', 'alternate')}")
     ckpt = load_checkpoint(f"{given['out']}/checkpoint.pt") if getattr(args, "resume", False) else None
+    if ckpt and check:
+        check(ckpt)
     cfg = resume_config(ckpt, given, log) if ckpt else Config(**given)
     try:  # the device is here and holds data (meta, say, holds shapes only)
         torch.zeros(1, device=cfg.device).cpu()
@@ -864,7 +951,7 @@ def config_from_args(args, log=print):
         raise UsageError(f"--device {cfg.device}: not usable here ({why})") from None
     return cfg, ckpt
 
-def claim_run_dir(out, resume=False, hint="continue the run there with --resume, or choose another --out"):
+def claim_run_dir(out, resume=False, hint=None):
     """Create and lock `out` (in a with block; flock ends with the process, kill -9 too): one writer."""
     try:
         os.makedirs(out, exist_ok=True)
@@ -877,6 +964,8 @@ def claim_run_dir(out, resume=False, hint="continue the run there with --resume,
     has = sorted(name for name in os.listdir(out) if name != ".lock" and not name.endswith(".tmp"))
     if has and not resume:
         lock.close()
+        there = "continue the run there with --resume, or" if "checkpoint.pt" in has else "it holds no run:"
+        hint = hint or f"{there} choose another --out"
         raise UsageError(f"--out {out} already holds {', '.join(has[:3])}{', ...' * (len(has) > 3)}: {hint}")
     return lock
 
@@ -919,9 +1008,9 @@ def command(prog, work, argv=None):
         if rank == 0 or code == 1:  # under torchrun, process 0 reports bad input
             print(f"{prog}: {line}", file=sys.stderr)
         return code
-    finally:
+    finally:  # a late signal: ignored until the command line exits (its line is said); a caller: its own
         for s, handler in zip(SIGNALS, handlers):
-            signal.signal(s, handler)
+            signal.signal(s, handler if argv is not None else lambda *args: None)
         if "torch.distributed" in sys.modules and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -929,10 +1018,14 @@ def train_command(argv, where):
     """Train a run, or continue one (--resume); data parallel under torchrun."""
     p = make_parser("Glow in gradient-isolated parts: full, alternate, sequential or parallel, + finetuning.")
     p.add_argument("--resume", action="store_true", help=f"continue --out's run, changing {flags(RESUMABLE)}")
-    args, (rank, local_rank, world) = p.parse_args(argv), torchrun_env()
+    args = p.parse_args(argv)
+    rank, local_rank, world = torchrun_env()
     log = print if rank == 0 else (lambda *a: None)
     cfg, ckpt = config_from_args(args, log)
     where["out"] = cfg.out
+    was = ckpt["history"][-1].get("processes", 1) if ckpt and ckpt["history"] else world
+    if was != world:
+        log(f"resume: {world} process(es), was {was}: the same batches, summed in another order (rounding)")
     if cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) does not divide among {world}")
     with claim_run_dir(cfg.out, args.resume) if rank == 0 else open(os.devnull):  # before any data loads

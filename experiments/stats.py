@@ -73,16 +73,6 @@ def coverage(interval, n, reps=2000, seed=0):
     return float(np.mean([lo <= 0 <= hi for lo, hi in (interval(rng.normal(0, 1, n)) for _ in range(reps))]))
 
 
-def outlier_share(scores, n_bits):
-    """What the images worse than uniform noise (above n_bits) add to the mean: the mean minus the mean
-    without them (glow_parts.evaluate's test_outlier_share, from stored scores)."""
-    scores = np.asarray(scores, dtype=float)
-    worse = ~(scores <= n_bits)
-    if not worse.any():
-        return 0.0
-    return float(scores.mean() - (scores[~worse].mean() if (~worse).any() else n_bits))
-
-
 def quiet_costs(timing, evaluation=False):
     """Per-epoch seconds {full, alternate, finetune} from a timing file (experiments/timing.py): medians,
     with the evaluation's cost added to each if evaluation."""

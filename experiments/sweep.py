@@ -106,7 +106,8 @@ def seed_runs(work, log=None):
         return curve[:end], ends[str(end)] if whole is not None else {**curve[end - 1], "per_image": scores(
             c.out)[end - 1].tolist()}
 
-    full = {N: run("full", mode="full", epochs=N, finetune=0) for N in full_stages(splits, timings)}
+    one = {"decay": sum(cfg.decay)} if isinstance(cfg.decay, list) else {}  # full: one cosine over the budget
+    full = {N: run("full", mode="full", epochs=N, finetune=0, **one) for N in full_stages(splits, timings)}
     trunk, tuned = {}, {}
     for A in sorted({A for A, _ in splits}):
         trunk[A] = run("alternate", mode="alternate", epochs=A, finetune=0)
@@ -159,8 +160,8 @@ def summarize(cfg, seeds, splits, seeds_data, arrays, timings=(), margin=stats.M
                "gap_mean_ci": stats.t_interval([d.mean() for d in diffs]),
                "gap_median_image": float(np.mean([np.median(a) - np.median(f) for a, f in zip(ends, fulls)])),
                "full_bpd": [float(f.mean()) for f in fulls], "bpd": [float(a.mean()) for a in ends],
-               "outlier_share": {"alternate": [stats.outlier_share(a, cfg.n_bits) for a in ends],
-                                 "full": [stats.outlier_share(f, cfg.n_bits) for f in fulls]},
+               "outlier_share": {name: [d["splits"][f"{A}+{F}"][end]["test_outlier_share"] for d in seeds_data]
+                                 for name, end in (("alternate", "end"), ("full", "full_end"))},  # evaluate's
                "gap_raw_weights": [d["splits"][f"{A}+{F}"]["end"]["raw_test_bpd"] - d["splits"][f"{A}+{F}"]["full_end"][
                    "raw_test_bpd"] for d in seeds_data] if cfg.ema else None,
                "time": [time_statistics(A, F, t) for t in timings]}
@@ -330,9 +331,10 @@ def run_sweep(argv, where):
     cfg = replace(lab_config(args, "sweep"), epochs=1, finetune=0)
     where["out"], where["note"] = cfg.out, runs_note
     budgets = sorted({A + F for A, F in splits})
-    if cfg.decay and budgets != [cfg.decay]:
-        raise gp.UsageError(f"--decay {cfg.decay} ends every rate at epoch {cfg.decay}: give that one budget, "
-                            f"not {','.join(map(str, budgets))}")
+    phases = cfg.decay if isinstance(cfg.decay, list) else None  # a cosine per phase: one split, A,F
+    if cfg.decay and (budgets != [cfg.decay] if not phases else splits != [tuple(phases)]):
+        raise gp.UsageError(f"--decay {cfg.decay}: give the one budget it ends at (--decay N), or the one split "
+                            f"A+F it gives a cosine per phase (--decay A,F); got {splits}")
     dirs = [os.path.join(cfg.out, f"seed{s}", name) for s in seeds for name in
             ["full", "alternate", *(f"alternate{A}+finetune{F}" for A, F in splits)]]
     with claim_experiment(cfg.out, plan_of(replace(cfg, seed=0)), dirs):  # seeds, budgets and splits may grow

@@ -1,22 +1,26 @@
 """Tests of the experiments: the comparison, the sweep over seeds, the benchmark, the pipeline of parts,
 the spike recorder, quiet timing, and the statistics.
 
-Run from the repository root: python -m pytest -q test_glow_parts.py experiments/
+Run from the repository root: python -m pytest -q test_glow_parts.py experiments/ (-m "not slow": without what
+trains, spawns processes or runs the notebook). The helpers they share with test_glow_parts.py are in conftest.py.
 """
+import hashlib
 import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
 import benchmark  # noqa: E402
 import common  # noqa: E402
 import compare  # noqa: E402
@@ -27,27 +31,7 @@ import stats  # noqa: E402
 import sweep  # noqa: E402
 import timing  # noqa: E402
 from common import gp  # noqa: E402
-
-TINY = ["--dataset", "digits", "--levels", "2", "--steps", "2", "--hidden", "16", "--subset", "512",
-        "--batch-size", "32", "--warmup", "10", "--lr", "2e-3"]
-
-
-def without_seconds(curve):
-    return [{k: v for k, v in m.items() if k != "seconds"} for m in curve]
-
-
-def one_error_line(capsys, prog):
-    err = capsys.readouterr().err
-    assert err.startswith(f"{prog}: error:") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
-def tiny_model(parts):
-    torch.manual_seed(0)
-    model = gp.Glow(in_channels=1, image_size=8, n_levels=3, n_steps=2, hidden=8, parts=parts)
-    x = torch.rand(8, 1, 8, 8) - 0.5
-    model.initialize(x)
-    return model, x
+from conftest import ROOT, TINY, loss_and_grads, one_error_line, tiny_model, torchrun, without_seconds  # noqa: E402
 
 
 # --- the comparison
@@ -55,20 +39,21 @@ def tiny_model(parts):
 
 def weights_hash(model):
     """A short hash of every parameter and buffer: equal hashes mean identical weights."""
-    import hashlib
     h = hashlib.sha256()
     for key, value in sorted(model.state_dict().items()):
         h.update(key.encode() + value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
+@pytest.mark.slow
 def test_compare_starts_every_run_from_the_same_weights_and_reports_every_field(tmp_path, monkeypatch):
-    starts, real = [], gp.train
-    monkeypatch.setattr(gp, "train", lambda run, *a, **k: starts.append(weights_hash(run.model)) or real(run, *a, **k))
+    starts, real = {}, gp.train  # each mode's weights as its run starts training
+    monkeypatch.setattr(gp, "train", lambda run, *a, **k: starts.setdefault(run.cfg.mode, weights_hash(run.model))
+                        and real(run, *a, **k))
     out = tmp_path / "cmp"
     assert gp.command("compare.py", compare.run_compare, TINY + ["--modes", "full,alternate,sequential", "--epochs",
                                                                  "2", "--finetune", "1", "--out", str(out)]) == 0
-    assert len(starts) == 3 and len(set(starts)) == 1  # identical initial weights, hashed as each run starts
+    assert set(starts) == {"full", "alternate", "sequential"} and len(set(starts.values())) == 1
     summary = json.loads((out / "compare.json").read_text())
     assert (out / "compare.png").stat().st_size > 10_000
     runs = {r["mode"]: r for r in summary["runs"]}
@@ -95,6 +80,7 @@ def test_the_targets_and_equal_time_lookups_give_the_known_answers_of_given_curv
     assert compare.at_time(curve, 4.0)["test_bpd"] == 3.9  # at the same time: its last evaluation by then
 
 
+@pytest.mark.slow
 def test_a_comparison_holds_every_run_it_writes_and_the_same_command_continues_it_after_kill_9(tmp_path, capsys):
     args = TINY + ["--modes", "full,alternate", "--epochs", "3", "--finetune", "1"]
     assert gp.command("compare.py", compare.run_compare, args + ["--out", str(tmp_path / "straight")]) == 0
@@ -104,41 +90,42 @@ def test_a_comparison_holds_every_run_it_writes_and_the_same_command_continues_i
     while not (out / "full" / "metrics.jsonl").exists() and proc.poll() is None:
         time.sleep(0.02)
     assert gp.main(TINY + ["--epochs", "1", "--out", str(out / "alternate")]) == 2  # its lock covers its runs
-    assert "in use by another run" in one_error_line(capsys, "glow_parts.py")
+    assert f"--out {out / 'alternate'}" in one_error_line(capsys)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert gp.command("compare.py", compare.run_compare, args + ["--out", str(out)]) == 0
     straight, resumed = (json.loads((d / "compare.json").read_text())["runs"] for d in (tmp_path / "straight", out))
     assert [without_seconds(r["curve"]) for r in resumed] == [without_seconds(r["curve"]) for r in straight]
     assert gp.command("compare.py", compare.run_compare, args + ["--hidden", "8", "--out", str(out)]) == 2
-    assert "whose hidden differ" in one_error_line(capsys, "compare.py")
+    err = one_error_line(capsys, "compare.py")
+    assert str(out) in err and "hidden" in err.replace(str(out), ""), err  # the directory, and the setting
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--modes", "alternate,sequential"], "list full"), (["--modes", "full,alternate,full"], "each once"),
-    (["--epochs", "0", "--finetune", "1"], "--epochs >= 1"), (["--mode", "full"], "--mode")])
-def test_the_comparison_refuses_what_it_cannot_do_with_one_line(args, match, tmp_path, capsys):
+@pytest.mark.parametrize("args,named", [
+    (["--modes", "alternate,sequential"], "--modes"), (["--modes", "full,alternate,full"], "--modes"),
+    (["--epochs", "0", "--finetune", "1"], "--epochs"), (["--mode", "full"], "--mode")])
+def test_the_comparison_refuses_what_it_cannot_do_with_one_line(args, named, tmp_path, capsys):
     assert gp.command("compare.py", compare.run_compare, TINY + args + ["--out", str(tmp_path / "c")]) == 2
-    assert match in one_error_line(capsys, "compare.py")
+    assert named in one_error_line(capsys, "compare.py")
 
 
 def test_measure_step_counts_boundary_bytes_at_a_mid_level_cut():
     model, x = tiny_model([3, 1, 2])
-    act, crossing, _ = common.measure_step(model, x, "full", [0, 1, 2])
+    act, crossing, _ = benchmark.measure_step(model, x, "full", [0, 1, 2])
     # boundaries: after part 0 (mid level 1: 8 channels at 2x2), after part 1 (split: 4 channels at 2x2)
     assert crossing == 8 * (8 * 2 * 2 + 4 * 2 * 2) * 4
-    assert all(common.measure_step(model, x, "alternate", [k])[1] == 0 for k in range(3))
-    assert all(common.measure_step(model, x, "alternate", [k])[0] < act for k in range(3))
-    assert common.measure_step(model, x, "parallel", [0, 1, 2])[1] == 0
+    assert all(benchmark.measure_step(model, x, "alternate", [k])[1] == 0 for k in range(3))
+    assert all(benchmark.measure_step(model, x, "alternate", [k])[0] < act for k in range(3))
+    assert benchmark.measure_step(model, x, "parallel", [0, 1, 2])[1] == 0
 
 
 # --- the sweep over seeds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema", [[], ["--ema", "0.9"], ["--ema", "0.9", "--test-subset", "100"]],
                          ids=["raw", "ema", "test-subset"])
 def test_sweep_branches_equal_separate_runs_for_every_seed(ema, tmp_path):
-    import numpy as np
     flags, whole = TINY + ema, gp.prepare_data(gp.Config(dataset="digits"))[1]
     assert gp.command("sweep.py", sweep.run_sweep, flags + ["--budgets", "3,6", "--splits", "3+3", "--seeds", "0,1",
                                                            "--out", str(tmp_path / "sweep")]) == 0
@@ -161,13 +148,14 @@ def test_sweep_branches_equal_separate_runs_for_every_seed(ema, tmp_path):
         if "--test-subset" in flags:  # the curves evaluate the first 100 test images, the ends all 297
             model = common.load_model(tmp_path / f"alone{seed}")
             assert alone[-1]["test_bpd"] == gp.evaluate(model, whole[:100], 32, torch.device("cpu"))["test_bpd"]
-            assert arrays[f"seed{seed}/3+3/subset"].shape == (100,)
+            assert arrays[f"seed{seed}/3+3"].shape == (297,)
     six = next(b for b in summary["by_split"] if (b["alternate_epochs"], b["finetune_epochs"]) == (4, 2))
     gaps = [float((arrays[f"seed{s}/4+2"].astype(np.float64) - arrays[f"seed{s}/full6"]).mean()) for s in (0, 1)]
     assert six["gap_mean_per_seed"] == pytest.approx(gaps) and six["gap_mean"] == pytest.approx(sum(gaps) / 2)
     assert (six["gap_raw_weights"] is None) == (not ema)
 
 
+@pytest.mark.slow
 def test_a_sweep_killed_at_any_point_continues_with_the_same_command_and_loses_nothing(tmp_path):
     args = TINY + ["--budgets", "3,6", "--seeds", "0,1", "--test-subset", "100"]
     assert gp.command("sweep.py", sweep.run_sweep, args + ["--out", str(tmp_path / "straight")]) == 0
@@ -179,8 +167,8 @@ def test_a_sweep_killed_at_any_point_continues_with_the_same_command_and_loses_n
             time.sleep(0.02)
         proc.send_signal(how)
         assert proc.wait() == (-signal.SIGKILL if how == signal.SIGKILL else 143)
-    assert re.fullmatch(rf"sweep.py: interrupted \(SIGTERM\); the last checkpoint of each of its \d+ runs under "
-                        rf"{re.escape(str(out))} is kept\n", proc.stderr.read())
+    err = proc.stderr.read()  # one line, naming the signal and the sweep's directory, where its runs are kept
+    assert err.startswith("sweep.py: interrupted (SIGTERM)") and err.count("\n") == 1 and str(out) in err, err
     for leftover in ("plan.json.tmp", "seed1/alternate4+finetune2/checkpoint.pt.tmp"):  # killed amid a copy or a plan
         (out / leftover).parent.mkdir(parents=True, exist_ok=True)
         (out / leftover).write_text("half")
@@ -194,24 +182,21 @@ def test_a_sweep_killed_at_any_point_continues_with_the_same_command_and_loses_n
     assert [b["gap_robust"] for b in straight["by_split"]] == [b["gap_robust"] for b in resumed["by_split"]]
 
 
+@pytest.mark.slow
 def test_a_sweep_refuses_another_plan_a_plain_run_inside_it_and_bad_splits(tmp_path, capsys):
     out = str(tmp_path / "sweep")
     assert gp.command("sweep.py", sweep.run_sweep, TINY + ["--budgets", "3", "--out", out]) == 0
     capsys.readouterr()
-    for argv, match in ((TINY + ["--budgets", "3", "--hidden", "8", "--out", out], "whose hidden differ"),
-                        (TINY + ["--budgets", "4", "--out", out], "multiples of 3"),
-                        (TINY + ["--splits", "2", "--out", out], "want splits A+F"),
-                        (TINY + ["--splits", "0+3", "--out", out], "want splits A+F"),
-                        (TINY + ["--out", out], "give --budgets"),
-                        (TINY + ["--budgets", "3", "--seeds", "-1", "--out", out], "--seeds"),
-                        (TINY + ["--budgets", "3,6", "--decay", "6", "--out", out], "give that one budget"),
-                        (TINY + ["--budgets", "3", "--epochs", "3", "--out", out], "--epochs")):
-        assert gp.command("sweep.py", sweep.run_sweep, argv) == 2
-        one_error_line(capsys, "sweep.py")
+    for flags, named in (("--budgets 3 --hidden 8", out), ("--budgets 4", "--budgets"), ("--splits 2", "--splits"),
+                         ("--splits 0+3", "--splits"), ("", "--budgets"), ("--budgets 3 --seeds -1", "--seeds"),
+                         ("--budgets 3,6 --decay 6", "--decay"), ("--budgets 3 --epochs 3", "--epochs")):
+        assert gp.command("sweep.py", sweep.run_sweep, TINY + flags.split() + ["--out", out]) == 2, flags
+        assert named in one_error_line(capsys, "sweep.py"), flags
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "mine.txt").write_text("x")
     assert gp.command("sweep.py", sweep.run_sweep, TINY + ["--budgets", "3", "--out", str(tmp_path / "other")]) == 2
-    assert "which no experiment wrote" in one_error_line(capsys, "sweep.py")
+    err = one_error_line(capsys, "sweep.py")
+    assert "mine.txt" in err and str(tmp_path / "other") in err, err
 
 
 # --- the benchmark and its cost model
@@ -258,16 +243,10 @@ def test_balanced_parts_are_the_exact_cheapest_cut_and_the_benchmark_prints_it(c
 
 def test_recompute_gives_the_plain_gradients_and_saves_far_fewer_activations():
     model, x = tiny_model([3, 1, 2])
-
-    def grads(m):
-        m.zero_grad(set_to_none=True)
-        loss = m.bits_per_dim(m.log_prob(x)).mean() + m.part_loss(x, 1)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
-    plain_loss, plain = grads(model)
-    plain_bytes = common.measure_step(model, x, "full", [0, 1, 2])[0]
+    plain_loss, plain = loss_and_grads(model, x)
+    plain_bytes = benchmark.measure_step(model, x, "full", [0, 1, 2])[0]
     recomputed = benchmark.recompute(model)
-    loss, again = grads(recomputed)
+    loss, again = loss_and_grads(recomputed, x)
     assert torch.equal(loss, plain_loss) and len(again) == len(plain)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(again, plain))
     inputs = {}  # what recomputation must still keep: every flow step's input (its storage)
@@ -277,7 +256,7 @@ def test_recompute_gives_the_plain_gradients_and_saves_far_fewer_activations():
     for m in recomputed.modules():
         if isinstance(m, gp.FlowStep):
             m.register_forward_pre_hook(note)
-    kept = common.measure_step(recomputed, x, "full", [0, 1, 2])[0]
+    kept = benchmark.measure_step(recomputed, x, "full", [0, 1, 2])[0]
     assert sum(inputs.values()) <= kept < plain_bytes / 2
     with torch.no_grad():
         zs, _, _ = recomputed(x)
@@ -287,22 +266,17 @@ def test_recompute_gives_the_plain_gradients_and_saves_far_fewer_activations():
 # --- the pipeline of parts
 
 
-def torchrun(nproc, script, args, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           script, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
-
-
+@pytest.mark.slow
 def test_pipeline_on_two_processes_sends_nothing_back_and_its_checkpoint_reloads_in_one_process(tmp_path):
     out = tmp_path / "pipe"
     proc = torchrun(2, "experiments/pipeline.py", TINY + ["--epochs", "2", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     # counted at every send: per step, part 1's output h_1 (2 x 4 x 4 after the first split) and the
     # constant terms, float32, for 32 images, 16 steps an epoch; and nothing towards earlier parts
-    per_epoch = f"{16 * 32 * (2 * 4 * 4 + 1) * 4:,}"
-    assert f"pipeline: {per_epoch} bytes sent forward between parts this epoch, 0 backward; " \
-           f"received {per_epoch} from earlier parts, 0 from later ones" in proc.stdout
+    per_epoch = 16 * 32 * (2 * 4 * 4 + 1) * 4  # (sent forward, backward; received from earlier, from later parts)
+    counted = [[int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", line.split("pipeline:")[1])]
+               for line in proc.stdout.splitlines() if "pipeline:" in line]
+    assert counted == [[per_epoch, 0, per_epoch, 0]] * 2, proc.stdout  # each of the two epochs
     m = sweep.read_curve(out)
     assert [e["epoch"] for e in m] == [1, 2] and m[1]["test_bpd"] < m[0]["test_bpd"]
     model = common.load_model(out)
@@ -313,26 +287,25 @@ def test_pipeline_on_two_processes_sends_nothing_back_and_its_checkpoint_reloads
     assert gp.main(TINY + ["--mode", "parallel", "--epochs", "3", "--out", str(out), "--resume"]) == 0
     # the same math in one process gives the same numbers, up to float rounding (1 vs 2 threads, memory
     # layouts) that Adam amplifies on near-zero gradients: about 1e-3 bits/dim after 32 steps
-    from dataclasses import replace
     run, data = gp.start_run(replace(cfg, out=None, epochs=2))
     single = gp.train(run, data, log=lambda *a: None).history
     assert abs(single[-1]["test_bpd"] - m[1]["test_bpd"]) < 5e-3
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--parts", "1,1,2"], "3 parts but 2 processes; use --nproc_per_node 3"),
-    (["--finetune", "1"], "unrecognized arguments: --finetune"), (["--ema", "0.9"], "unrecognized arguments: --ema")])
-def test_the_pipeline_refuses_what_it_cannot_do_with_one_line(args, match, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("args,named", [(["--parts", "1,1,2"], "--nproc_per_node"), (["--finetune", "1"], "--finetune"),
+                                        (["--ema", "0.9"], "--ema")])
+def test_the_pipeline_refuses_what_it_cannot_do_with_one_line(args, named, tmp_path, capsys, monkeypatch):
     for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "test"}.items():
         monkeypatch.setenv(k, v)
     argv = TINY + ["--epochs", "1", "--out", str(tmp_path)] + args
     assert gp.command("pipeline.py", pipeline.run_pipeline, argv) == 2
-    assert match in one_error_line(capsys, "pipeline.py")
+    assert named in one_error_line(capsys, "pipeline.py")
 
 
 # --- the spike recorder, quiet timing
 
 
+@pytest.mark.slow
 def test_spike_records_every_step_of_the_schedule_and_finds_the_largest_rise(tmp_path, capsys):
     out = tmp_path / "spike"
     assert gp.command("spike.py", spike.run_spike, TINY + ["--mode", "alternate", "--epochs", "2", "--beta2", "0.99",
@@ -348,7 +321,7 @@ def test_spike_records_every_step_of_the_schedule_and_finds_the_largest_rise(tmp
     capsys.readouterr()
     assert gp.command("spike.py", spike.run_spike, TINY + ["--epochs", "1", "--out", str(out)]) == 2
     err = one_error_line(capsys, "spike.py")
-    assert "already holds" in err and "--resume" not in err  # it advises only what it can do
+    assert f"--out {out}" in err and "--resume" not in err, err  # it advises only what it can do
 
 
 def test_spikes_counts_only_late_rises_above_the_threshold_against_the_best_so_far(tmp_path, capsys):
@@ -356,8 +329,9 @@ def test_spikes_counts_only_late_rises_above_the_threshold_against_the_best_so_f
         raw = [5.0 - 0.01 * e + rises.get(e, 0.0) for e in range(1, 41)]
         path = tmp_path / name
         path.mkdir()
-        (path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "raw_test_bpd": v, "test_bpd": v - 0.1})
-                                                    + "\n" for e, v in enumerate(raw, 1)))
+        (path / "metrics.jsonl").write_text("".join(json.dumps({  # the mean and the median image alike
+            "epoch": e, "raw_test_bpd": v, "test_bpd": v - 0.1, "raw_test_median_bpd": v, "test_median_bpd": v - 0.1})
+            + "\n" for e, v in enumerate(raw, 1)))
         return str(path)
     plain = [run("a0", {5: 3.0}), run("a1", {30: 1.5}), run("a2", {25: 0.8})]  # early, late spike, small
     other = [run("b0", {}), run("b1", {35: 0.5}), run("b2", {21: 2.0})]
@@ -373,18 +347,22 @@ def test_spikes_counts_only_late_rises_above_the_threshold_against_the_best_so_f
     assert result["plain"][1]["bpd_at_end"] == pytest.approx(5.0 - 0.4 - 0.1)
     assert "| plain | 1 of 3 |" in capsys.readouterr().out
     assert gp.command("spikes.py", spikes.run_spikes, ["--epochs", "50", "--out", str(out), "p:" + plain[0]]) == 2
-    assert "fewer than --epochs 50" in one_error_line(capsys, "spikes.py")
+    err = one_error_line(capsys, "spikes.py")
+    assert "--epochs" in err and plain[0] in err, err  # the run that is too short
     assert gp.command("spikes.py", spikes.run_spikes, ["--out", str(out), "p:" + plain[0], "q:" + ",".join(other)]) == 2
-    assert "the same number of runs" in one_error_line(capsys, "spikes.py")
+    one_error_line(capsys, "spikes.py")  # two conditions of 1 and 3 runs
 
 
+@pytest.mark.slow
 def test_timing_interleaves_the_phases_and_times_what_the_loop_counts(tmp_path):
     path = tmp_path / "timing.json"
     assert gp.command("timing.py", timing.run_timing, TINY + ["--repeats", "2", "--out", str(path)]) == 0
     result = json.loads(path.read_text())
     assert set(result["epoch_seconds"]) == {"full", "alternate", "finetune", "evaluation"}
     assert all(len(s) == 2 and min(s) > 0 for s in result["epoch_seconds"].values())
-    assert result["summary"]["alternate"]["median"] < result["summary"]["full"]["median"]
+    for phase, s in result["epoch_seconds"].items():  # the summary is of the repeats measured, no others
+        summary = result["summary"][phase]
+        assert [summary["median"], summary["min"], summary["max"]] == [statistics.median(s), min(s), max(s)]
 
 
 # --- the statistics, on given data with known answers
@@ -394,8 +372,6 @@ def test_the_robust_gap_is_a_trimmed_mean_that_a_few_images_cannot_move():
     x = [*range(1, 11), 1000.0]  # eleven values: int(0.1 * 11) = 1 cut at each end leaves 2..10
     assert stats.trimmed_mean(x, cut=0.1) == pytest.approx(6.0)
     assert stats.trimmed_mean(list(range(100)), cut=0.01) == pytest.approx(49.5)  # symmetric: the mean
-    assert stats.outlier_share([3.0, 3.0, 3.0, 13.0], n_bits=8) == pytest.approx(5.5 - 3.0)
-    assert stats.outlier_share([3.0, 4.0], n_bits=8) == 0.0 and stats.outlier_share([9.0, 11.0], 8) == pytest.approx(2)
 
 
 def test_the_t_interval_and_the_equivalence_test_give_hand_computed_answers():
@@ -435,8 +411,8 @@ def test_the_t_test_over_seeds_and_the_cost_axis_give_hand_computed_answers():
     assert stats.time_range(60, 30, 90, timing, True) == pytest.approx([(180 + 210) / 720, (300 + 210) / 540])
 
 
+@pytest.mark.slow
 def test_the_sweep_reloads_its_statistics_from_its_result_files(tmp_path, capsys):
-    import numpy as np
     costs = tmp_path / "timing.json"
     assert gp.command("timing.py", timing.run_timing, TINY + ["--repeats", "2", "--out", str(costs)]) == 0
     out = tmp_path / "sweep"
@@ -456,3 +432,86 @@ def test_the_sweep_reloads_its_statistics_from_its_result_files(tmp_path, capsys
     capsys.readouterr()
     assert gp.command("sweep.py", sweep.run_sweep, ["--results", str(out / "sweep"), "--timing", str(costs)]) == 0
     assert f"| {b['gap_robust']:+.3f} |" in capsys.readouterr().out
+
+
+# --- every script keeps the reference's promises: checked inputs and outputs, the same command continues
+
+
+def test_timing_refuses_an_output_path_it_cannot_use_before_it_measures_and_writes_over_nothing(tmp_path, capsys):
+    run = tmp_path / "run"  # a run's checkpoint: timing.py must not write over it
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"a run's checkpoint")
+    before = (run / "checkpoint.pt").read_bytes()
+    for out in (run / "checkpoint.pt", tmp_path / "no" / "t.json", tmp_path):
+        assert gp.command("timing.py", timing.run_timing, TINY + ["--out", str(out)]) == 2
+        assert str(out) in one_error_line(capsys, "timing.py")
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("content", ["not json", "{}", "[1, 2]", '{"epoch_seconds": {"full": [1.0]}, "summary": {}, '
+                                     '"date": "d", "machine": "m", "threads": 1}'])
+def test_a_sweep_refuses_a_timing_file_that_is_not_one_in_one_line(content, tmp_path, capsys):
+    bad = tmp_path / "timing.json"
+    bad.write_text(content)
+    argv = TINY + ["--splits", "1+1", "--timing", str(bad), "--out", str(tmp_path / "sweep")]
+    assert gp.command("sweep.py", sweep.run_sweep, argv) == 2
+    assert str(bad) in one_error_line(capsys, "sweep.py") and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("flags,named", [(["--epochs", "0"], "--epochs"), (["--after", "0"], "--after"),
+                                         (["--epochs", "-1"], "--epochs"), (["--epochs", "5", "--after", "5"], "--after")])
+def test_spikes_refuses_epochs_it_cannot_read_in_one_line(flags, named, tmp_path, capsys):
+    assert gp.command("spikes.py", spikes.run_spikes, flags + ["--out", str(tmp_path / "o"), f"a:{tmp_path}"]) == 2
+    assert named in one_error_line(capsys, "spikes.py")
+
+
+def test_spikes_writes_over_no_file_it_did_not_make(tmp_path, capsys):
+    mine = tmp_path / "notes"
+    mine.write_text("keep")
+    assert gp.command("spikes.py", spikes.run_spikes, ["--out", str(mine), f"a:{tmp_path}"]) == 2
+    assert str(mine) in one_error_line(capsys, "spikes.py") and mine.read_text() == "keep"
+
+
+@pytest.mark.slow
+def test_spike_killed_mid_run_is_continued_by_its_same_command_with_every_record(tmp_path):
+    args = TINY + ["--ema", "0.9", "--mode", "alternate", "--epochs", "3"]
+    assert gp.command("spike.py", spike.run_spike, args + ["--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "experiments/spike.py", *args, "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(3000):  # until its first checkpoint is written (its records may be ahead of it)
+        if (out / "checkpoint.pt").exists() or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert gp.command("spike.py", spike.run_spike, args + ["--out", str(out)]) == 0
+    for name in ("steps.jsonl", "layers.jsonl"):
+        assert (out / name).read_text() == (tmp_path / "straight" / name).read_text(), name
+    assert without_seconds(common.read_curve(out)) == without_seconds(common.read_curve(tmp_path / "straight"))
+    assert gp.command("spike.py", spike.run_spike, args + ["--beta2", "0.99", "--out", str(out)]) == 2  # another plan
+
+
+@pytest.mark.slow
+def test_a_comparison_whose_run_was_continued_alone_says_so_and_its_advice_works(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = TINY + ["--epochs", "1", "--finetune", "1", "--out", str(out)]
+    assert gp.command("compare.py", compare.run_compare, argv) == 0
+    assert gp.main(TINY + ["--mode", "alternate", "--epochs", "1", "--finetune", "2", "--out", str(out / "alternate"),
+                           "--resume"]) == 0  # the sub-run grown alone
+    capsys.readouterr()
+    assert gp.command("compare.py", compare.run_compare, argv) == 2
+    assert str(out / "alternate") in one_error_line(capsys, "compare.py")
+    (out / "alternate").rename(tmp_path / "grown")  # the advice: move it away
+    assert gp.command("compare.py", compare.run_compare, argv) == 0
+
+
+@pytest.mark.slow
+def test_the_pipeline_refuses_a_run_it_cannot_continue_and_its_advice_works(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert gp.main(TINY + ["--mode", "parallel", "--epochs", "1", "--finetune", "1", "--out", out]) == 0
+    capsys.readouterr()
+    assert gp.command("pipeline.py", pipeline.run_pipeline, ["--resume", "--epochs", "4", "--out", out]) == 2
+    line = one_error_line(capsys, "pipeline.py")
+    assert "glow_parts.py --resume" in line and "--finetune" not in line
+    assert gp.main(["--resume", "--finetune", "2", "--out", out]) == 0  # the advice: glow_parts.py --resume
