@@ -776,8 +776,9 @@ def save_checkpoint(run):
     ckpt = {"config": asdict(run.cfg), "model": run.model.state_dict(), "rng": rng,
             "optimizers": [o.state_dict() for o in run.optimizers], "ema": run.ema and run.ema.state_dict(),
             **{k: getattr(run, k) for k in RUN_FIELDS}}
-    if unsound_values(ckpt):  # never a checkpoint that --resume refuses: the one before it stays
-        raise RunStopped(f"the model of epoch {run.epoch} holds {unsound_values(ckpt)}")
+    unsound = unsound_values(ckpt)
+    if unsound:  # never a checkpoint that --resume refuses: the one before it stays
+        raise RunStopped(f"the model of epoch {run.epoch} holds {unsound}")
     buffer = io.BytesIO()  # written whole by write_atomic: a full disk is an OSError naming the file
     torch.save(ckpt, buffer)
     write_atomic(os.path.join(run.cfg.out, "checkpoint.pt"), buffer.getbuffer())
@@ -805,8 +806,9 @@ def load_checkpoint(path):
                  and all(s.dtype == torch.float32 and s.shape == (n_test,) for s in ckpt["scores"])}
         if not all(agree.values()):
             raise UsageError(f"its {', '.join(k for k in agree if not agree[k])} do not match its history")
-        if unsound_values(ckpt):
-            raise UsageError(f"it holds {unsound_values(ckpt)}")
+        unsound = unsound_values(ckpt)
+        if unsound:
+            raise UsageError(f"it holds {unsound}")
     except UsageError as e:
         raise UsageError(f"--resume: {path}: {e}") from None
     except Exception as e:  # none there, not a checkpoint, or one that does not hold what it says

@@ -410,13 +410,28 @@ def test_cli_run_writes_metrics_checkpoint_and_samples(tmp_path):
     assert scores[-1].double().mean().item() == pytest.approx(metrics[-1]["test_bpd"], rel=1e-6)
 
 
-def test_decay_lowers_every_rate_along_a_cosine_to_zero_at_its_epoch():
-    run, data = gp.start_run(tiny_cfg(mode="full", epochs=2, warmup=1, decay=2, subset=64, test_subset=32))
-    rates = [[] for _ in run.optimizers]  # the rate each part's Adam steps with, step by step (2 an epoch)
+def adam_rates(cfg):
+    """The rate each part's Adam steps with, step by step, over a run of cfg."""
+    run, data = gp.start_run(cfg)
+    rates = [[] for _ in run.optimizers]
     for k, optimizer in enumerate(run.optimizers):
         optimizer.register_step_pre_hook(lambda o, args, kwargs, k=k: rates[k].append(o.param_groups[0]["lr"]))
     gp.train(run, data, log=quiet)
+    return rates
+
+
+def test_decay_lowers_every_rate_along_a_cosine_to_zero_at_its_epoch():
+    rates = adam_rates(tiny_cfg(mode="full", epochs=2, warmup=1, decay=2, subset=64, test_subset=32))  # 2 an epoch
     assert rates[0] == rates[1] == pytest.approx([2e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
+
+
+def test_decay_per_phase_restarts_the_cosine_for_finetuning():
+    rates = adam_rates(tiny_cfg(mode="alternate", epochs=1, finetune=1, warmup=1, decay=[1, 1], subset=64,
+                                test_subset=32))  # alternate: part 1, then part 2; finetuning: both, twice
+    assert rates[0] == pytest.approx([2e-3, 2e-3, 1e-3]) and rates[1] == pytest.approx([1e-3, 2e-3, 1e-3])
+    assert tiny_cfg(decay=[7]).decay == 7  # one value: one cosine over the run, as before
+    with pytest.raises(ValueError, match="--decay"):
+        tiny_cfg(decay=[1, 2, 3])
 
 
 def write_cifar10(root, n_train=20, n_test=10):
@@ -515,17 +530,25 @@ def test_data_that_is_not_what_its_dataset_says_is_refused_in_one_line(swap, spl
     assert "fashion-mnist" in err and str(tmp_path) in err and split in err.replace(str(tmp_path), ""), err
 
 
-@pytest.mark.parametrize("damage", [lambda b: b"\x00\x00\x08\x07" + b[4:], lambda b: b[:-100], lambda b: b + bytes(7)],
-                         ids=["wrong magic number", "truncated", "padded"])
-def test_a_damaged_idx_file_is_one_line_naming_the_dataset_and_its_folder(damage, tmp_path, capsys, monkeypatch):
+DAMAGES = {"wrong magic number": lambda b: b"\x00\x00\x08\x07" + b[4:], "truncated": lambda b: b[:-100],
+           "padded": lambda b: b + bytes(7), "empty": lambda b: b"", "missing": None}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("name", ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
+def test_a_damaged_idx_file_is_one_line_naming_the_dataset_and_the_file(damage, name, tmp_path, capsys, monkeypatch):
     offline(monkeypatch)
     small_datasets(monkeypatch)
-    path = write_fashion_mnist(tmp_path) / "train-images-idx3-ubyte"
-    path.write_bytes(damage(path.read_bytes()))
+    path = write_fashion_mnist(tmp_path) / name
+    if DAMAGES[damage]:
+        path.write_bytes(DAMAGES[damage](path.read_bytes()))
+    else:
+        path.unlink()
     code = gp.main(FASHION + ["--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
     err = one_error_line(capsys)
     assert code == 2 and "fashion-mnist" in err and f"{tmp_path}/FashionMNIST/raw/" in err, err
-    assert path.exists()  # the user's files stay where they are
+    assert str(path) in err, err  # the damaged file itself, not only its folder
+    assert path.exists() == (damage != "missing")  # the user's files stay where they are
 
 
 BAD = {  # flags (added to TINY --epochs 1 --out <fresh>); the one line must name the last flag given
@@ -1079,31 +1102,22 @@ def test_tutorial_notebook_executes_top_to_bottom(monkeypatch):
 
 # --- the last moments of a run, and advice that works when followed
 
-DIES_AFTER_LAST_CHECKPOINT = """
-import os, sys
-import glow_parts as gp
-real = os.replace
-def replace(src, dst):  # the real rename, then a real kill -9 once the last epoch's checkpoint is in place
-    real(src, dst)
-    if dst.endswith("checkpoint.pt") and gp.torch.load(dst, weights_only=True)["epoch"] == int(sys.argv[1]):
-        os.kill(os.getpid(), 9)
-os.replace = replace
-sys.exit(gp.main(sys.argv[2:]))
-"""
-
-
 @pytest.mark.slow
 def test_a_kill_after_the_last_checkpoint_is_completed_by_resume_as_the_same_commands_advice_says(tmp_path, capsys):
-    out, straight = tmp_path / "run", tmp_path / "straight"
-    args = TINY + ["--epochs", "2"]
-    proc = subprocess.run([sys.executable, "-c", DIES_AFTER_LAST_CHECKPOINT, "2", *args, "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL and len(read_metrics(out)) == 1  # the last row is not written
+    args = TINY + ["--subset", "64", "--test-subset", "32", "--epochs", "2"]
+    counted = run_dies_at(0, args, tmp_path / "straight")  # an uninterrupted run, its file operations counted
+    operations = int(counted.stdout.splitlines()[-1].split(":")[1])
+    for n in range(operations, 0, -1):  # back from the last operation to the one that put epoch 2's checkpoint
+        out = tmp_path / f"killed-at-{n}"
+        assert run_dies_at(n, args, out).returncode == -signal.SIGKILL
+        if torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2 and len(read_metrics(out)) == 1:
+            break  # killed right after the last checkpoint, before its metrics and samples
+    else:
+        pytest.fail("no kill fell between the last checkpoint and its metrics")
     assert not (out / "samples_002.png").exists()
     assert gp.main(args + ["--out", str(out)]) == 2 and "--resume" in one_error_line(capsys)  # the advice ...
     assert gp.main(args + ["--out", str(out), "--resume"]) == 0  # ... followed: nothing left to train
-    assert gp.main(args + ["--out", str(straight)]) == 0
-    assert without_seconds(read_metrics(out)) == without_seconds(read_metrics(straight))
+    assert without_seconds(read_metrics(out)) == without_seconds(read_metrics(tmp_path / "straight"))
     assert (out / "samples_002.png").stat().st_size > 1000
 
 
@@ -1153,32 +1167,3 @@ def test_a_checkpoint_with_adam_settings_out_of_range_is_refused(tmp_path, capsy
     capsys.readouterr()
     assert gp.main(TINY + ["--epochs", "2", "--out", str(out), "--resume"]) == 2
     assert "Adam" in one_error_line(capsys)
-
-
-def test_decay_per_phase_restarts_the_cosine_for_finetuning():
-    cfg = tiny_cfg(mode="alternate", epochs=1, finetune=1, warmup=1, decay=[1, 1], subset=64)  # 2 steps an epoch
-    run, data = gp.start_run(cfg)
-    rates = []  # each Adam step's rate, over the part's own rate: the cosine's factor
-    for k, optimizer in enumerate(run.optimizers):
-        optimizer.register_step_post_hook(lambda o, *args, k=k: rates.append(o.param_groups[0]["lr"] / cfg.lr[k]))
-    gp.train(run, data, log=quiet)
-    assert rates == pytest.approx([1.0, 0.5, 1.0, 1.0, 0.5, 0.5])  # alternate: parts 1, 2; finetuning: both
-    assert tiny_cfg(decay=[7]).decay == 7  # one value: one cosine over the run, as before
-    with pytest.raises(ValueError, match="--decay"):
-        tiny_cfg(decay=[1, 2, 3])
-
-
-@pytest.mark.parametrize("damage", ["truncated", "wrong magic number", "empty", "missing"])
-@pytest.mark.parametrize("name", ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
-def test_a_damaged_dataset_file_is_named_in_its_one_line(damage, name, tmp_path, capsys, monkeypatch):
-    offline(monkeypatch)
-    small_datasets(monkeypatch)
-    path = write_fashion_mnist(tmp_path) / name
-    data = path.read_bytes()
-    if damage == "missing":
-        path.unlink()
-    else:
-        path.write_bytes({"truncated": data[:-5], "wrong magic number": b"\x00\x00\x08\x07" + data[4:],
-                          "empty": b""}[damage])
-    assert gp.main(FASHION + ["--data-dir", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
-    assert str(path) in one_error_line(capsys)

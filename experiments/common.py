@@ -36,9 +36,9 @@ def runs_note(out):
 
 def claim_experiment(out, plan, run_dirs):
     """Lock out and every run directory of the experiment for as long as it runs (an ExitStack: one writer
-    for all of them), and record its plan in out/plan.json. The same command continues a stopped
-    experiment (a plan may add seeds, budgets or splits where its caller allows); another plan is refused.
-    A run directory must hold a checkpoint, or nothing."""
+    for all of them; a single-run script gives none: out is its run), and record its plan in out/plan.json.
+    The same command continues a stopped experiment (a plan may add seeds, budgets or splits where its
+    caller allows); another plan is refused. A run directory must hold a checkpoint, or nothing."""
     stack = contextlib.ExitStack()
     with contextlib.ExitStack() as undo:
         undo.enter_context(stack)
@@ -92,29 +92,19 @@ def experiment_run(cfg, data, log=print):
     return gp.train(run, data, log)
 
 
-def claim_run(out, plan):
-    """Lock a single-run script's directory out (a with block), continued by the same command: it holds
-    nothing, or this plan's run (out/plan.json); another plan, or files no such script wrote, are refused."""
-    lock = gp.claim_run_dir(out, resume=True)
-    path, held = os.path.join(out, "plan.json"), sorted(n for n in os.listdir(out) if n not in (".lock", ".tmp"))
-    old = json.load(open(path)) if os.path.exists(path) else None
-    if held and old != plan:
-        lock.close()
-        why = "its settings differ from these" if old else f"it holds {', '.join(held[:3])}, which no such run wrote"
-        raise gp.UsageError(f"--out {out}: {why}; choose another --out")
-    gp.write_atomic(path, json.dumps(plan, indent=1).encode())
-    return lock
-
-
-def check_output(path, flag="--out", mine=lambda path: False):
-    """Before any work: path can be written, and is no directory nor a file that mine(path) does not
-    recognise as this script's own (a script writes over no file it did not make)."""
+def check_output(path, read, flag="--out"):
+    """Before any work: path can be written, and is no directory nor a file that read(path), the script's
+    own reader, refuses (a script writes over no file it did not make)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise gp.UsageError(f"{flag} {path}: " + ("is a directory" if os.path.isdir(path) else
                                                   f"no directory {folder} to write it in"))
-    if os.path.exists(path) and not mine(path):
-        raise gp.UsageError(f"{flag} {path}: a file this script did not write is there; choose another {flag}")
+    if os.path.exists(path):
+        try:
+            read(path, flag)
+        except gp.UsageError:
+            raise gp.UsageError(f"{flag} {path}: a file this script did not write is there; choose another "
+                                f"{flag}") from None
 
 
 def read_json(path, flag, what, keys):

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from common import claim_run, gp, lab_config, largest_rise, plan_of, start_or_continue
+from common import claim_experiment, gp, lab_config, largest_rise, plan_of, start_or_continue
 
 KINDS = {"actnorm": "ActNorm", "invconv": "1x1 conv", "conv3": "coupling output", "coupling": "coupling net",
          "prior": "priors"}  # the first key in a parameter's name names its kind
@@ -131,7 +131,7 @@ def run_spike(argv, where):
     plan = plan_of(cfg, beta2=beta2)
     for grows in ("epochs", "finetune"):  # a continuation may train longer
         del plan["config"][grows]
-    with claim_run(cfg.out, plan):  # a stopped one: the same command continues it
+    with claim_experiment(cfg.out, plan, []):  # a stopped one: the same command continues it
         run, data = start_or_continue(cfg)
         for optimizer in run.optimizers if not run.epoch else []:  # a resumed Adam keeps its own
             for group in optimizer.param_groups:

@@ -65,11 +65,8 @@ def parse_condition(text):
     return label, dirs.split(",")
 
 
-def is_spikes(path):
-    try:
-        return bool(read_json(path, "--out", "a spikes.json", ("conditions", "threshold")))
-    except gp.UsageError:
-        return False
+def read_spikes(path, flag="--out"):
+    return read_json(path, flag, "a spikes.json (experiments/spikes.py writes one)", ("conditions", "threshold"))
 
 
 def run_spikes(argv, where):
@@ -91,7 +88,7 @@ def run_spikes(argv, where):
     path = os.path.join(args.out, "spikes.json")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise gp.UsageError(f"--out {args.out}: a file is there; give a directory")
-    check_output(path if os.path.isdir(args.out) else args.out, mine=is_spikes)
+    check_output(path if os.path.isdir(args.out) else args.out, read_spikes)
     result = spikes(args.conditions, args.epochs, args.after, args.threshold, args.statistic)
     where["note"] = lambda out: f"{path} was not written"
     os.makedirs(args.out, exist_ok=True)

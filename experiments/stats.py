@@ -90,14 +90,6 @@ def equal_time_epoch(A, F, costs):
     return math.floor((A * costs["alternate"] + F * costs["finetune"]) / costs["full"] + 1e-9)
 
 
-def equal_time_window(A, F, timing):
-    """Every equal-time epoch of full training that a resample of the timing repeats can give."""
-    s = timing["epoch_seconds"]
-    lo = (A * min(s["alternate"]) + F * min(s["finetune"])) / max(s["full"])
-    hi = (A * max(s["alternate"]) + F * max(s["finetune"])) / min(s["full"])
-    return range(math.floor(lo + 1e-9), math.floor(hi + 1e-9) + 1)
-
-
 def time_range(A, F, N, timing, evaluation=False):
     """The time ratio's range over the timing repeats: every phase at its fastest against full's slowest,
     and the reverse."""

@@ -393,7 +393,8 @@ def test_the_t_interval_and_the_equivalence_test_give_hand_computed_answers():
 def test_the_coverage_simulation_finds_the_t_interval_nominal_and_a_bootstrap_over_three_seeds_short():
     assert 0.93 <= stats.coverage(stats.t_interval, 3, reps=2000) <= 0.97
     assert 0.72 <= stats.coverage(stats.seed_bootstrap, 3, reps=2000) <= 0.80  # 1 in 27 draws repeats one seed
-    assert stats.coverage(lambda v: [-1e9, 1e9], 3, reps=10) == 1.0 and stats.coverage(lambda v: [1, 2], 3, reps=10) == 0
+    assert stats.coverage(lambda v: [-1e9, 1e9], 3, reps=10) == 1.0
+    assert stats.coverage(lambda v: [1, 2], 3, reps=10) == 0
 
 
 def test_the_t_test_over_seeds_and_the_cost_axis_give_hand_computed_answers():
@@ -406,7 +407,6 @@ def test_the_t_test_over_seeds_and_the_cost_axis_give_hand_computed_answers():
     assert stats.equal_time_epoch(60, 30, costs) == 60 and stats.equal_time_epoch(60, 30, {**costs, "full": 6.1}) == 59
     timing = {"epoch_seconds": {"full": [5.0, 7.0], "alternate": [2.0, 4.0], "finetune": [6.0, 6.0],
                                 "evaluation": [1.0, 1.0]}}
-    assert list(stats.equal_time_window(60, 30, timing)) == list(range(42, 85))  # (120 + 180) / 7 to 420 / 5
     assert stats.time_range(60, 30, 90, timing) == pytest.approx([300 / 630, 420 / 450])
     assert stats.time_range(60, 30, 90, timing, True) == pytest.approx([(180 + 210) / 720, (300 + 210) / 540])
 
@@ -459,7 +459,8 @@ def test_a_sweep_refuses_a_timing_file_that_is_not_one_in_one_line(content, tmp_
 
 
 @pytest.mark.parametrize("flags,named", [(["--epochs", "0"], "--epochs"), (["--after", "0"], "--after"),
-                                         (["--epochs", "-1"], "--epochs"), (["--epochs", "5", "--after", "5"], "--after")])
+                                         (["--epochs", "-1"], "--epochs"),
+                                         (["--epochs", "5", "--after", "5"], "--after")])
 def test_spikes_refuses_epochs_it_cannot_read_in_one_line(flags, named, tmp_path, capsys):
     assert gp.command("spikes.py", spikes.run_spikes, flags + ["--out", str(tmp_path / "o"), f"a:{tmp_path}"]) == 2
     assert named in one_error_line(capsys, "spikes.py")
