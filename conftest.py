@@ -2,14 +2,15 @@
 the one-line error, torchrun; and the `slow` marker.
 
     python -m pytest -q -m "not slow" test_glow_parts.py experiments/   # the oracles: the inner loop
-    python -m pytest -q test_glow_parts.py experiments/                  # everything, as CI runs it
+    python -m pytest -q -n auto test_glow_parts.py experiments/          # everything, as CI runs it
 """
 import json
 import os
 import subprocess
 import sys
 
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread a process: pytest -n's workers and the processes they start
+import torch  # noqa: E402  (share the cores instead of fighting over them; read when torch loads)
 
 import glow_parts as gp
 
@@ -89,7 +90,6 @@ def one_error_line(capsys, prog="glow_parts.py", kind="error"):
 def torchrun(nproc, script, args, timeout=600, popen=False):
     """script (a path from the repository root) under torchrun, one thread per process."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script,
                *args]
     if popen:

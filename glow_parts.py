@@ -802,10 +802,11 @@ def load_checkpoint(path):
                  "steps": [steps, ckpt["seconds"]] == [last["steps"], last["seconds"]],
                  "updates": all(type(u) is int and 0 <= u <= steps for u in ckpt["updates"])
                  and sum(ckpt["updates"]) >= steps,  # every step updates at least one part
+                 "parts": len(ckpt["updates"]) == len(ckpt["optimizers"]) == len(cfg.parts),
                  "scores": len(ckpt["scores"]) == epoch
                  and all(s.dtype == torch.float32 and s.shape == (n_test,) for s in ckpt["scores"])}
         if not all(agree.values()):
-            raise UsageError(f"its {', '.join(k for k in agree if not agree[k])} do not match its history")
+            raise UsageError(f"its {', '.join(k for k in agree if not agree[k])} do not agree with its history and config")
         unsound = unsound_values(ckpt)
         if unsound:
             raise UsageError(f"it holds {unsound}")
@@ -825,9 +826,6 @@ def start_run(cfg, data=None, ckpt=None):
         for module, key in ((model, "model"), (run.ema, "ema")) if ckpt else ():
             if module is not None:
                 module.load_state_dict(ckpt[key])
-        if ckpt and not len(ckpt["optimizers"]) == len(ckpt["updates"]) == len(model.parts):
-            raise ValueError(f"{len(ckpt['optimizers'])} optimizer states, {len(ckpt['updates'])} update "
-                             f"counts, {len(model.parts)} parts")
         for optimizer, state in zip(run.optimizers, ckpt["optimizers"] if ckpt else []):
             optimizer.load_state_dict(state)
             if any(v.shape != p.shape for p, s in optimizer.state.items() for v in s.values() if v.dim()):
@@ -890,24 +888,19 @@ def init_distributed(cfg, local_rank):
 # Command line: Config's fields as flags; one writer per directory, nothing lost, any failure one line.
 
 class Parser(argparse.ArgumentParser):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")  # -1e-3: a value
-
     def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage too)
         raise UsageError(message)
 
-def comma_list(kind):  # a flag's parser for values of `kind` separated by commas
-    def parse(text):
-        try:
-            return [kind(v) for v in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"want comma-separated {kind.__name__}s, got {text!r}") from None
+def comma_list(kind):
+    """A flag's values of `kind`, separated by commas: 1e-3,2e-3 (argparse names a bad one by __name__)."""
+    parse = lambda text: [kind(v) for v in text.split(",")]  # noqa: E731
+    parse.__name__ = f"comma-separated {kind.__name__}"
     return parse
 
 def make_parser(description, without=()):
     """Config's fields but those `without` as flags; one not given keeps Config's (--resume: the run's)."""
     p = Parser(description=description, allow_abbrev=False)  # --mode is not --modes
+    p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")  # -1e-3: a value, too
     parse = {"parts": comma_list(int), "lr": comma_list(float), "decay": comma_list(int)}
     for f in (f for f in fields(Config) if f.name not in without):
         m = f.metadata
@@ -1007,8 +1000,10 @@ def command(prog, work, argv=None):
                 143 if e.args == (signal.SIGTERM,) else 130)
         line = {2: f"error: {e}", 1: f"stopped: {why}; {kept}", 130: f"interrupted (Ctrl-C); {kept}",
                 143: f"interrupted (SIGTERM); {kept}"}[code]
-        if rank == 0 or code == 1:  # under torchrun, process 0 reports bad input
-            print(f"{prog}: {line}", file=sys.stderr)
+        if rank and code == 2:  # bad input under torchrun: process 0 says it, and torchrun then ends this one
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(10)  # still here: process 0 did not refuse it, so this process says it
+        print(f"{prog}: {line}", file=sys.stderr)
         return code
     finally:  # a late signal: ignored until the command line exits (its line is said); a caller: its own
         for s, handler in zip(SIGNALS, handlers):

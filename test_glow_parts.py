@@ -108,8 +108,10 @@ def test_whole_model_logdet_equals_bruteforce_jacobian(parts):
     assert rel_err(logdet[0], expected) < 1e-6
 
 
-def test_lu_conv_equals_dense_conv_with_composed_weight():
+def test_lu_conv_equals_dense_conv_with_composed_weight_and_starts_as_a_rotation():
     torch.manual_seed(0)
+    W = gp.InvConv2dLU(5).weight()
+    assert torch.allclose(W @ W.T, torch.eye(5), atol=1e-5)
     layer = perturbed(gp.InvConv2dLU(6).double())
     W = layer.weight()
     x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
@@ -117,12 +119,6 @@ def test_lu_conv_equals_dense_conv_with_composed_weight():
     y, logdet = layer(x)
     assert torch.allclose(y, dense, atol=1e-12)
     assert torch.allclose(logdet[0], 25 * torch.linalg.slogdet(W)[1], rtol=1e-10)
-
-
-def test_lu_conv_starts_as_a_rotation():
-    torch.manual_seed(0)
-    W = gp.InvConv2dLU(5).weight()
-    assert torch.allclose(W @ W.T, torch.eye(5), atol=1e-5)
 
 
 # --- ActNorm's data-dependent init
@@ -178,11 +174,13 @@ def test_part_loss_gives_gradients_to_its_part_only(parts):
                 assert all(g is None for g in grads), (k, j)
 
 
-def test_every_parameter_belongs_to_exactly_one_part():
+def test_every_parameter_belongs_to_exactly_one_part_and_a_learned_part_prior_starts_as_the_standard_one():
     model = tiny_glow([3, 1, 2], part_prior="learned")
     owned = [id(p) for part in model.parts for p in part.parameters()]
     assert len(owned) == len(set(owned))
     assert set(owned) == {id(p) for p in model.parameters()}
+    x = torch.rand(8, 1, 8, 8) - 0.5
+    assert torch.allclose(tiny_glow([3, 1, 2]).part_loss(x, 0), model.part_loss(x, 0))
 
 
 def test_last_part_loss_equals_full_model_bpd_and_every_part_is_a_finite_bpd():
@@ -209,12 +207,6 @@ def test_isolated_sum_of_part_losses_gives_each_part_its_own_gradient():
             assert (p.grad is None and g is None) or torch.allclose(p.grad, g, rtol=1e-10, atol=1e-14)
 
 
-def test_learned_part_prior_starts_equal_to_standard():
-    x = torch.rand(8, 1, 8, 8) - 0.5
-    a, b = tiny_glow([3, 1, 2]), tiny_glow([3, 1, 2], part_prior="learned")
-    assert torch.allclose(a.part_loss(x, 0), b.part_loss(x, 0))
-
-
 def test_untrained_bpd_on_uniform_integer_images_is_close_to_n_bits():
     torch.manual_seed(0)
     for n_bits in (3, 8):
@@ -233,12 +225,6 @@ def test_sample_is_finite_with_the_right_shape_and_temperature_zero_is_the_mean_
     assert s.shape == (5, 1, 8, 8) and torch.isfinite(s).all()
     a, b = model.sample(2, temperature=0.0), model.sample(2, temperature=0.0)
     assert torch.equal(a, b) and torch.equal(a[0], a[1])
-
-
-@pytest.mark.parametrize("parts", [[2, 2], [3, 0, 3], [3, -1, 4], [2.5, 3.5], ["3", "3"], [], [True, 3]])
-def test_malformed_parts_are_refused_naming_the_flag(parts):
-    with pytest.raises(ValueError, match="--parts"):
-        gp.Config(dataset="digits", levels=3, steps=2, parts=parts)
 
 
 def test_default_model_is_the_cifar10_glow_cut_as_the_poster_in_the_library_and_the_cli():
@@ -420,12 +406,9 @@ def adam_rates(cfg):
     return rates
 
 
-def test_decay_lowers_every_rate_along_a_cosine_to_zero_at_its_epoch():
+def test_decay_lowers_every_rate_along_a_cosine_to_zero_at_its_epoch_or_restarts_it_for_finetuning():
     rates = adam_rates(tiny_cfg(mode="full", epochs=2, warmup=1, decay=2, subset=64, test_subset=32))  # 2 an epoch
     assert rates[0] == rates[1] == pytest.approx([2e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
-
-
-def test_decay_per_phase_restarts_the_cosine_for_finetuning():
     rates = adam_rates(tiny_cfg(mode="alternate", epochs=1, finetune=1, warmup=1, decay=[1, 1], subset=64,
                                 test_subset=32))  # alternate: part 1, then part 2; finetuning: both, twice
     assert rates[0] == pytest.approx([2e-3, 2e-3, 1e-3]) and rates[1] == pytest.approx([1e-3, 2e-3, 1e-3])
@@ -566,17 +549,20 @@ BAD = {  # flags (added to TINY --epochs 1 --out <fresh>); the one line must nam
     "a device torch knows but cannot use here": "--device xla", "a device that holds shapes only": "--device meta",
     "empty out": "--out=", "empty data dir": "--data-dir=", "batch larger than data": "--subset 16 --batch-size 32",
     "seed too large": "--seed 99999999999999999999999", "seed negative": "--seed -1",
-    "out under /proc": "--out /proc/glow-parts-test/run", "unknown part prior": "--part-prior wide",
-    "prior bound negative": "--prior-bound -1", "prior bound inf": "--prior-bound inf",
-    "prior bound that float32 makes 0": "--prior-bound 1e-300",
+    "out under /proc": "--out /proc/glow-parts-test/run", "out under a file": "--out /dev/null/run",
+    "unknown part prior": "--part-prior wide", "prior bound negative": "--prior-bound -1",
+    "prior bound inf": "--prior-bound inf", "prior bound that float32 makes 0": "--prior-bound 1e-300",
     "prior bound that float32 makes inf": "--prior-bound 1e300",
     "decay zero": "--decay 0", "compare is an experiment": "--compare", "hidden absurd": "--hidden 10000000000",
-    "ema out of range": "--ema 1", "clip zero": "--clip 0",
+    "ema out of range": "--ema 1", "clip zero": "--clip 0", "a negative number in e notation": "--lr -1e-3",
+    "a trailing comma": "--lr 1e-3,", "a trailing comma in a list of ints": "--parts 2,",
+    "a model too big for this machine's memory": "--levels 1 --hidden 60000",
 }
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_input_exits_2_with_one_line_and_no_traceback(case, tmp_path, capsys):
+def test_bad_input_exits_2_with_one_line_and_no_traceback_before_any_data_loads(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gp, "prepare_data", lambda cfg: pytest.fail("data loaded before the check"))
     flags = BAD[case].split()
     out = ["--out", str(tmp_path / "run")] if not any(f.startswith("--out") for f in flags) else []
     assert gp.main(TINY + ["--epochs", "1"] + out + flags) == 2, case
@@ -614,7 +600,8 @@ REFUSED = [  # (what is called, the argument it is given, the name its ValueErro
     *(("Config", {k: v}, "--" + k.replace("_", "-")) for k, v in (
         ("lr", 0.0), ("lr", [1e-3] * 3), ("lr", "fast"), ("prior_bound", None), ("prior_bound", -1.0),
         ("mode", "greedy"), ("part_prior", "wide"), ("ema", 1.0), ("clip", -1.0), ("decay", 0), ("decay", [4, 2, 1]),
-        ("compile", "yes"))),
+        ("compile", "yes"), *(("parts", p) for p in ([2, 3], [3, 0, 1], [3, -1, 2], [2.5, 1.5], ["2", "2"], [],
+                                                    [True, 3])))),
     *(("Glow", {k: v}, k) for k, v in (
         ("in_channels", 0), ("n_levels", 0), ("n_steps", 0), ("hidden", 0), ("parts", [0, 4]), ("parts", "x"),
         ("n_bits", 9), ("part_prior", "wide"), ("prior_bound", -1.0), ("image_size", 7))),
@@ -640,7 +627,12 @@ def test_the_library_refuses_invalid_arguments_from_code_with_a_value_error_nami
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stops_naming_part_and_epoch_and_keeps_last_checkpoint(tmp_path, capsys):
+def test_a_nonfinite_loss_or_evaluation_stops_naming_the_part_that_broke_and_keeps_the_last_checkpoint(
+        tmp_path, capsys):
+    # part 1 steps first at a huge rate and breaks; part 2's loss, computed on part 1's output, shows it
+    assert gp.main(TINY + ["--lr", "1e10,1e-3", "--epochs", "2", "--out", str(tmp_path / "early")]) == 1
+    err = one_error_line(capsys, kind="stopped")
+    assert "part 1" in err and "epoch 1" in err and not (tmp_path / "early" / "checkpoint.pt").exists(), err
     out = tmp_path / "run"
     assert gp.main(TINY + ["--mode", "alternate", "--epochs", "1", "--out", str(out)]) == 0
     capsys.readouterr()
@@ -649,41 +641,24 @@ def test_nonfinite_loss_stops_naming_part_and_epoch_and_keeps_last_checkpoint(tm
     err = one_error_line(capsys, kind="stopped")
     assert "part 2" in err and "epoch 2" in err and "epoch 1" in err and str(out) in err, err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    # a non-finite evaluation: one training image, so ActNorm's init at the 1x1 top level takes the std of one value
+    code = gp.main(["--dataset", "digits", "--levels", "3", "--steps", "1", "--hidden", "8", "--subset", "1",
+                    "--batch-size", "1", "--epochs", "2", "--out", str(tmp_path / "one")])
+    line = one_error_line(capsys, kind="stopped")
+    assert code == 1 and "part" in line and not (tmp_path / "one" / "checkpoint.pt").exists()  # before its checkpoint
 
-
-@pytest.mark.slow
-def test_nonfinite_loss_names_the_part_that_broke_not_the_one_that_noticed(tmp_path, capsys):
-    # part 1 steps first at a huge rate and breaks; part 2's loss, computed on part 1's output, shows it
-    assert gp.main(TINY + ["--lr", "1e10,1e-3", "--epochs", "2", "--out", str(tmp_path / "run")]) == 1
-    err = one_error_line(capsys, kind="stopped")
-    assert "part 1" in err and "epoch 1" in err and not (tmp_path / "run" / "checkpoint.pt").exists(), err
 
 
 # --- runs: one writer per directory, nothing lost, exact resume
 
 
 @pytest.mark.slow
-def test_a_second_writer_is_refused(tmp_path, capsys):
-    out = tmp_path / "run"
-    lock = gp.claim_run_dir(str(out))  # another process holds it (flock: another open file is another owner)
-    assert gp.main(TINY + ["--epochs", "1", "--out", str(out)]) == 2
-    err = one_error_line(capsys)
-    assert "--out" in err and str(out) in err
-    lock.close()  # the other writer ends
-    assert gp.main(TINY + ["--epochs", "1", "--out", str(out)]) == 0
-
-
-def test_out_that_cannot_be_created_is_refused_before_loading_data(tmp_path, capsys, monkeypatch):
-    (tmp_path / "file").write_text("x")
-    monkeypatch.setattr(gp, "prepare_data", lambda cfg: pytest.fail("data loaded before the check"))
-    assert gp.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "file" / "run")]) == 2
-    err = one_error_line(capsys)
-    assert "--out" in err and str(tmp_path / "file" / "run") in err
-
-
-@pytest.mark.slow
-def test_a_directory_is_continued_only_by_its_command_and_never_silently_replaced(tmp_path, capsys):
+def test_a_directory_has_one_writer_is_continued_only_by_its_command_and_never_silently_replaced(tmp_path, capsys):
     run, leftovers = tmp_path / "run", tmp_path / "leftovers"
+    lock = gp.claim_run_dir(str(run))  # another process holds it (flock: another open file is another owner)
+    assert gp.main(TINY + ["--epochs", "1", "--out", str(run)]) == 2
+    assert "--out" in one_error_line(capsys)
+    lock.close()  # the other writer ends
     assert gp.main(TINY + ["--epochs", "1", "--out", str(run)]) == 0
     leftovers.mkdir()
     (leftovers / "metrics.jsonl").write_text("{}\n")  # files, but no run
@@ -697,6 +672,7 @@ def test_a_directory_is_continued_only_by_its_command_and_never_silently_replace
         assert gp.main(TINY + flags.split()) == 2, flags
         err = one_error_line(capsys)
         assert named in err and ("--resume" if "--resume" in flags else "--out") in err, flags
+        assert ("--resume" in err) == ("--resume" in flags or named == "checkpoint.pt"), flags  # advice that works
     stopped = tmp_path / "stopped"  # a run killed while it wrote its first files: only these are left
     stopped.mkdir()
     for name in (".lock", "checkpoint.pt.tmp", "samples_001.png.tmp"):
@@ -707,7 +683,7 @@ def test_a_directory_is_continued_only_by_its_command_and_never_silently_replace
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", gp.MODES)
 def test_kill_9_then_resume_continues_exactly_like_an_uninterrupted_run(mode, tmp_path):
-    flags = TINY + ["--mode", mode, "--epochs", "6", "--finetune", "2"]
+    flags = TINY + ["--mode", mode, "--epochs", "3", "--finetune", "1"]
     assert gp.main(flags + ["--out", str(tmp_path / "straight")]) == 0
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "glow_parts.py", *flags, "--out", str(out)], cwd=ROOT,
@@ -718,7 +694,7 @@ def test_kill_9_then_resume_continues_exactly_like_an_uninterrupted_run(mode, tm
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     assert gp.main(flags + ["--out", str(out), "--resume"]) == 0  # the dead run's lock is gone with it
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(out)
-    assert [m["epoch"] for m in resumed] == list(range(1, 9))
+    assert [m["epoch"] for m in resumed] == list(range(1, 5))
     assert [m["part_losses"] for m in resumed] == [m["part_losses"] for m in straight]
 
 
@@ -748,35 +724,29 @@ def run_dies_at(n, flags, out):
 
 
 @pytest.mark.slow
-def test_killed_at_every_file_operation_of_its_saves_a_run_is_continued_and_ends_bit_identical(tmp_path):
+def test_killed_at_every_file_operation_of_its_saves_a_run_is_continued_as_its_advice_says_and_ends_bit_identical(
+        tmp_path, capsys):
     flags = TINY + ["--subset", "64", "--test-subset", "32", "--mode", "alternate", "--epochs", "2", "--ema", "0.9"]
     counted = run_dies_at(0, flags, tmp_path / "straight")  # an uninterrupted run, its file operations counted
     assert counted.returncode == 0, counted.stderr[-2000:]
     operations = int(counted.stdout.splitlines()[-1].split(":")[1])
     assert operations >= 2 * 2  # at least a write and a rename of each epoch's checkpoint
-    straight = read_metrics(tmp_path / "straight")
+    straight, after_the_last = read_metrics(tmp_path / "straight"), []
     for n in range(1, operations + 1):
         out = tmp_path / f"killed-at-{n}"
         proc = run_dies_at(n, flags, out)
         assert proc.returncode == -signal.SIGKILL, (n, proc.stderr[-2000:])
-        again = ["--resume"] if (out / "checkpoint.pt").exists() else []  # else the same command starts it again
+        again = []  # no checkpoint: the same command starts it again
+        if (out / "checkpoint.pt").exists():  # the same command refuses, and its advice is --resume
+            capsys.readouterr()
+            assert gp.main(flags + ["--out", str(out)]) == 2 and "--resume" in one_error_line(capsys), n
+            if torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2 and len(read_metrics(out)) == 1:
+                after_the_last.append(n)  # killed after the last checkpoint, before its metrics and samples
+            again = ["--resume"]  # (then nothing is left to train: metrics and samples come from the checkpoint)
         assert gp.main(flags + ["--out", str(out)] + again) == 0, n
         assert without_seconds(read_metrics(out)) == without_seconds(straight), n
-        assert (out / "samples_002.png").exists()
-
-
-def signalled(tmp_path, signals):
-    """A run stopped by `signals`, sent in quick succession once it has written its first checkpoint."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "glow_parts.py", *TINY, "--epochs", "50", "--out", str(out)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not (out / "metrics.jsonl").exists() and proc.poll() is None:
-        time.sleep(0.02)
-    for s in signals:
-        proc.send_signal(s)
-        time.sleep(0.005)
-    err = proc.communicate(timeout=60)[1]
-    return proc.returncode, err, out
+        assert (out / "samples_002.png").stat().st_size > 1000
+    assert after_the_last  # such a kill was among them
 
 
 @pytest.mark.slow
@@ -784,9 +754,17 @@ def signalled(tmp_path, signals):
                                                ([signal.SIGINT, signal.SIGTERM, signal.SIGINT], 130, "Ctrl-C")])
 def test_a_signal_stops_the_run_with_one_line_naming_the_kept_checkpoint_even_when_a_second_follows(
         signals, code, name, tmp_path):
-    returncode, err, out = signalled(tmp_path, signals)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "glow_parts.py", *TINY, "--epochs", "50", "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None:  # its first checkpoint is written
+        time.sleep(0.02)
+    for s in signals:  # in quick succession
+        proc.send_signal(s)
+        time.sleep(0.005)
+    err = proc.communicate(timeout=60)[1]
     epoch = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
-    assert returncode == code and "Traceback" not in err and err.count("\n") == 1, err
+    assert proc.returncode == code and "Traceback" not in err and err.count("\n") == 1, err
     assert err.startswith("glow_parts.py: interrupted") and name in err and f"epoch {epoch}" in err, err
     assert str(out) in err, err
 
@@ -843,11 +821,6 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
-def test_a_model_too_big_for_memory_is_refused_in_one_line_before_anything_is_allocated(tmp_path, capsys):
-    assert gp.main(TINY + ["--hidden", "60000", "--levels", "1", "--epochs", "1", "--out", str(tmp_path)]) == 2
-    assert "--hidden" in one_error_line(capsys)
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """One run of two steps, trained once: each malformed-checkpoint case damages its own copy."""
@@ -882,6 +855,7 @@ MALFORMED = {  # how -> (what it does to the checkpoint, in place; what the line
     "a NaN weight": (lambda c: next(iter(c["model"].values())).fill_(float("nan")), "PATH"),
     "an infinite Adam moment": (lambda c: c["optimizers"][1]["state"][0]["exp_avg_sq"].fill_(float("inf")), "PATH"),
     "steps that are not its history's": (lambda c: c.update(steps=c["steps"] + 1), "steps"),
+    "Adam's betas out of range": (lambda c: c["optimizers"][0]["param_groups"][0].update(betas=(0.9, 1.5)), "Adam"),
 }
 
 
@@ -920,9 +894,10 @@ def test_resume_applies_and_logs_the_flags_it_may_change_and_refuses_the_others(
     out = str(tmp_path / "run")
     assert gp.main(TINY + ["--mode", "sequential", "--epochs", "2", "--out", out]) == 0
     capsys.readouterr()
-    for flags in ("--hidden 32", "--mode full", "--dataset fashion-mnist", "--epochs 3"):
+    for flags in ("--hidden 32", "--mode full", "--dataset fashion-mnist", "--epochs 3", "--levels 1"):
         assert gp.main(["--out", out, "--resume", *flags.split()]) == 2
-        assert flags.split()[0] in one_error_line(capsys), flags
+        line = one_error_line(capsys)  # the flag the user gave, not one derived from it (--levels: --parts)
+        assert flags.split()[0] in line and "--parts" not in line, flags
     assert gp.main(["--out", out, "--resume", "--finetune", "1", "--lr", "1e-4", "--dataset", "digits"]) == 0
     logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:")]
     assert any("--lr" in line and "0.0001" in line for line in logged)  # each change, with its new value
@@ -1070,13 +1045,13 @@ def test_a_dead_process_under_torchrun_leaves_one_line_from_the_survivor_naming_
     assert str(out) in ours[0] and "glow_parts.py\", line" not in err, err[-3000:]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", [{"WORLD_SIZE": "abc"}, {"WORLD_SIZE": "2"}, {"RANK": "1", "LOCAL_RANK": "x"}])
-def test_a_stray_torchrun_variable_does_not_make_a_plain_run_a_data_parallel_one(env, tmp_path):
-    proc = subprocess.run([sys.executable, "glow_parts.py", *TINY, "--epochs", "1", "--out", str(tmp_path / "r")],
-                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]  # only torchrun's launch is one
-    assert read_metrics(tmp_path / "r")[-1]["steps"] == 512 // 32
+def test_a_stray_torchrun_variable_does_not_make_a_plain_run_a_data_parallel_one(env, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)  # what torchrun's launch sets: the one sign of it
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert gp.main(TINY + ["--epochs", "1", "--subset", "64", "--test-subset", "32", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == "" and read_metrics(tmp_path)[-1]["steps"] == 64 // 32
 
 
 # --- the tutorial
@@ -1087,7 +1062,6 @@ def test_tutorial_notebook_executes_top_to_bottom(monkeypatch):
     import nbformat  # here, not at the top: 3 s to import, which the fast loop does not need
     from nbclient import NotebookClient
     monkeypatch.setenv("GLOW_PARTS_QUICK", "1")  # fewer epochs; the same code runs
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's: two threads on two busy cores run far slower
     nb = nbformat.read(os.path.join(ROOT, "tutorial.ipynb"), as_version=4)
     assert any(cell.cell_type == "code" and "import glow_parts" in cell.source for cell in nb.cells)
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
@@ -1098,72 +1072,3 @@ def test_tutorial_notebook_executes_top_to_bottom(monkeypatch):
     totals = [float(v) for v in re.findall(r"grid integral of p\^\(\d\) under \S+: ([\d.]+)", text)]
     assert len(totals) == 6 and all(abs(t - 1) < 0.01 for t in totals), totals  # each truncated density's
     assert "the same initial weights in every run: True" in text
-
-
-# --- the last moments of a run, and advice that works when followed
-
-@pytest.mark.slow
-def test_a_kill_after_the_last_checkpoint_is_completed_by_resume_as_the_same_commands_advice_says(tmp_path, capsys):
-    args = TINY + ["--subset", "64", "--test-subset", "32", "--epochs", "2"]
-    counted = run_dies_at(0, args, tmp_path / "straight")  # an uninterrupted run, its file operations counted
-    operations = int(counted.stdout.splitlines()[-1].split(":")[1])
-    for n in range(operations, 0, -1):  # back from the last operation to the one that put epoch 2's checkpoint
-        out = tmp_path / f"killed-at-{n}"
-        assert run_dies_at(n, args, out).returncode == -signal.SIGKILL
-        if torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2 and len(read_metrics(out)) == 1:
-            break  # killed right after the last checkpoint, before its metrics and samples
-    else:
-        pytest.fail("no kill fell between the last checkpoint and its metrics")
-    assert not (out / "samples_002.png").exists()
-    assert gp.main(args + ["--out", str(out)]) == 2 and "--resume" in one_error_line(capsys)  # the advice ...
-    assert gp.main(args + ["--out", str(out), "--resume"]) == 0  # ... followed: nothing left to train
-    assert without_seconds(read_metrics(out)) == without_seconds(read_metrics(tmp_path / "straight"))
-    assert (out / "samples_002.png").stat().st_size > 1000
-
-
-def test_a_nonfinite_evaluation_stops_the_run_before_its_checkpoint_naming_the_part(tmp_path, capsys):
-    out = tmp_path / "run"  # one training image: ActNorm's init at the 1x1 top level takes the std of one value
-    code = gp.main(["--dataset", "digits", "--levels", "3", "--steps", "1", "--hidden", "8", "--subset", "1",
-                    "--batch-size", "1", "--epochs", "2", "--out", str(out)])
-    line = one_error_line(capsys, kind="stopped")
-    assert code == 1 and "part" in line and not (out / "checkpoint.pt").exists()
-
-
-@pytest.mark.slow
-def test_a_directory_without_a_checkpoint_is_not_told_to_resume_and_the_advice_it_gets_works(tmp_path, capsys):
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "notes.txt").write_text("keep")
-    assert gp.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "data")]) == 2
-    line = one_error_line(capsys)
-    assert "--resume" not in line and "--out" in line
-    assert gp.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")]) == 0  # another --out, as advised
-
-
-@pytest.mark.slow
-def test_a_resume_names_the_flag_the_user_changed(tmp_path, capsys):
-    out = str(tmp_path / "run")
-    assert gp.main(TINY + ["--epochs", "1", "--out", out]) == 0
-    capsys.readouterr()
-    assert gp.main(["--resume", "--levels", "1", "--out", out]) == 2
-    line = one_error_line(capsys)
-    assert "--levels" in line and "--parts" not in line
-
-
-@pytest.mark.parametrize("flags,named", [(["--lr", "-1e-3"], "--lr"), (["--lr", "1e-3,"], "--lr"),
-                                         (["--parts", "2,"], "--parts")])
-def test_a_number_flag_names_itself_whatever_its_value_looks_like(flags, named, tmp_path, capsys):
-    assert gp.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")] + flags) == 2
-    line = one_error_line(capsys)
-    assert named in line and "expected one argument" not in line and "lambda" not in line
-
-
-@pytest.mark.slow
-def test_a_checkpoint_with_adam_settings_out_of_range_is_refused(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert gp.main(TINY + ["--epochs", "1", "--out", str(out)]) == 0
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    ckpt["optimizers"][0]["param_groups"][0]["betas"] = (0.9, 1.5)
-    torch.save(ckpt, out / "checkpoint.pt")
-    capsys.readouterr()
-    assert gp.main(TINY + ["--epochs", "2", "--out", str(out), "--resume"]) == 2
-    assert "Adam" in one_error_line(capsys)

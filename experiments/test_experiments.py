@@ -1,7 +1,7 @@
 """Tests of the experiments: the comparison, the sweep over seeds, the benchmark, the pipeline of parts,
 the spike recorder, quiet timing, and the statistics.
 
-Run from the repository root: python -m pytest -q test_glow_parts.py experiments/ (-m "not slow": without what
+Run from the repository root: python -m pytest -q -n auto test_glow_parts.py experiments/ (-m "not slow": without what
 trains, spawns processes or runs the notebook). The helpers they share with test_glow_parts.py are in conftest.py.
 """
 import hashlib
@@ -123,12 +123,16 @@ def test_measure_step_counts_boundary_bytes_at_a_mid_level_cut():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ema", [[], ["--ema", "0.9"], ["--ema", "0.9", "--test-subset", "100"]],
-                         ids=["raw", "ema", "test-subset"])
-def test_sweep_branches_equal_separate_runs_for_every_seed(ema, tmp_path):
-    flags, whole = TINY + ema, gp.prepare_data(gp.Config(dataset="digits"))[1]
+@pytest.mark.parametrize("extra", [[], ["--ema", "0.9", "--test-subset", "100"]], ids=["raw", "ema-test-subset-timing"])
+def test_sweep_branches_equal_separate_runs_for_every_seed_and_its_statistics_reload_from_its_files(
+        extra, tmp_path, capsys):
+    flags, whole, timed = TINY + extra, gp.prepare_data(gp.Config(dataset="digits"))[1], []
+    if extra:  # with the phases' costs: the equal-time statistics too
+        costs = tmp_path / "timing.json"
+        assert gp.command("timing.py", timing.run_timing, TINY + ["--repeats", "2", "--out", str(costs)]) == 0
+        timed = ["--timing", str(costs)]
     assert gp.command("sweep.py", sweep.run_sweep, flags + ["--budgets", "3,6", "--splits", "3+3", "--seeds", "0,1",
-                                                           "--out", str(tmp_path / "sweep")]) == 0
+                                                           "--out", str(tmp_path / "sweep")] + timed) == 0
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     arrays = dict(np.load(tmp_path / "sweep" / "sweep-scores.npz"))
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 10_000
@@ -152,7 +156,23 @@ def test_sweep_branches_equal_separate_runs_for_every_seed(ema, tmp_path):
     six = next(b for b in summary["by_split"] if (b["alternate_epochs"], b["finetune_epochs"]) == (4, 2))
     gaps = [float((arrays[f"seed{s}/4+2"].astype(np.float64) - arrays[f"seed{s}/full6"]).mean()) for s in (0, 1)]
     assert six["gap_mean_per_seed"] == pytest.approx(gaps) and six["gap_mean"] == pytest.approx(sum(gaps) / 2)
-    assert (six["gap_raw_weights"] is None) == (not ema)
+    assert (six["gap_raw_weights"] is None) == (not extra)
+    if not extra:
+        return
+    # every statistic, recomputed from the result files alone
+    again = sweep.rescore(str(tmp_path / "sweep" / "sweep"), [json.loads(costs.read_text())], summary["margin"])
+    assert json.loads(json.dumps(again["by_split"])) == summary["by_split"]
+    b = summary["by_split"][0]
+    assert {"gap_robust", "test", "gap_mean", "gap_mean_ci", "time", "equal_time", "outlier_share"} <= set(b)
+    assert b["test"]["ci95"][0] <= b["gap_robust"] <= b["test"]["ci95"][1]
+    first = arrays[f"seed0/{b['alternate_epochs']}+{b['finetune_epochs']}"] - arrays["seed0/full3"]
+    assert b["gap_robust_per_seed"][0] == pytest.approx(float(stats.trimmed_mean(first.astype(float))))
+    E = b["equal_time"][0]["epoch"]  # full training was evaluated on the whole split at its equal-time epoch
+    assert b["equal_time"][0]["images"] == "whole test split" and f"seed1/full{E}" in arrays
+    capsys.readouterr()
+    assert gp.command("sweep.py", sweep.run_sweep, ["--results", str(tmp_path / "sweep" / "sweep"), "--timing",
+                                                    str(costs)]) == 0
+    assert f"| {b['gap_robust']:+.3f} |" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -409,29 +429,6 @@ def test_the_t_test_over_seeds_and_the_cost_axis_give_hand_computed_answers():
                                 "evaluation": [1.0, 1.0]}}
     assert stats.time_range(60, 30, 90, timing) == pytest.approx([300 / 630, 420 / 450])
     assert stats.time_range(60, 30, 90, timing, True) == pytest.approx([(180 + 210) / 720, (300 + 210) / 540])
-
-
-@pytest.mark.slow
-def test_the_sweep_reloads_its_statistics_from_its_result_files(tmp_path, capsys):
-    costs = tmp_path / "timing.json"
-    assert gp.command("timing.py", timing.run_timing, TINY + ["--repeats", "2", "--out", str(costs)]) == 0
-    out = tmp_path / "sweep"
-    assert gp.command("sweep.py", sweep.run_sweep, TINY + ["--budgets", "3,6", "--seeds", "0,1", "--test-subset", "100",
-                                                           "--timing", str(costs), "--out", str(out)]) == 0
-    summary = json.loads((out / "sweep.json").read_text())
-    arrays = dict(np.load(out / "sweep-scores.npz"))
-    again = sweep.rescore(str(out / "sweep"), [json.loads(costs.read_text())], summary["margin"])
-    assert json.loads(json.dumps(again["by_split"])) == summary["by_split"]
-    b = summary["by_split"][0]
-    assert {"gap_robust", "test", "gap_mean", "gap_mean_ci", "time", "equal_time", "outlier_share"} <= set(b)
-    assert b["test"]["ci95"][0] <= b["gap_robust"] <= b["test"]["ci95"][1]
-    first = arrays[f"seed0/{b['alternate_epochs']}+{b['finetune_epochs']}"] - arrays["seed0/full3"]
-    assert b["gap_robust_per_seed"][0] == pytest.approx(float(stats.trimmed_mean(first.astype(float))))
-    E = b["equal_time"][0]["epoch"]  # full training was evaluated on the whole split at its equal-time epoch
-    assert b["equal_time"][0]["images"] == "whole test split" and f"seed1/full{E}" in arrays
-    capsys.readouterr()
-    assert gp.command("sweep.py", sweep.run_sweep, ["--results", str(out / "sweep"), "--timing", str(costs)]) == 0
-    assert f"| {b['gap_robust']:+.3f} |" in capsys.readouterr().out
 
 
 # --- every script keeps the reference's promises: checked inputs and outputs, the same command continues
