@@ -1,7 +1,6 @@
 """Oracles for glow_parts: round trips, brute-force Jacobians, dense vs LU, gradient isolation, the CLI.
 
-Run: python -m pytest -q test_glow_parts.py; with -m "not slow", the oracles alone (nothing that trains more than
-a few steps, spawns a process or runs the notebook).
+Run: python -m pytest -q -n auto test_glow_parts.py; -m "not slow": the oracles alone, in seconds (conftest.py).
 """
 import math
 import os
@@ -615,15 +614,10 @@ def test_the_library_refuses_invalid_arguments_from_code_with_a_value_error_nami
     if call in ("train", "start_run"):
         run, data = gp.start_run(cfg)
         bad = BAD_DATA[arg](*data)
+    calls = {"Config": lambda: gp.Config(**{**TINY_SETTINGS, **arg}), "Glow": lambda: gp.Glow(**{**GLOW, **arg}),
+             "train": lambda: gp.train(run, bad, log=quiet), "start_run": lambda: gp.start_run(cfg, bad)}
     with pytest.raises(ValueError, match=re.escape(name)):
-        if call == "Config":
-            gp.Config(**{**TINY_SETTINGS, **arg})
-        elif call == "Glow":
-            gp.Glow(**{**GLOW, **arg})
-        elif call == "train":
-            gp.train(run, bad, log=quiet)
-        else:
-            gp.start_run(cfg, bad)
+        calls[call]()
 
 
 @pytest.mark.slow
@@ -680,62 +674,72 @@ def test_a_directory_has_one_writer_is_continued_only_by_its_command_and_never_s
     assert gp.main(TINY + ["--epochs", "1", "--out", str(stopped)]) == 0  # the same command starts it again
 
 
+def glow_main(argv, dies_at=0, counts=None):
+    """gp.main(argv) in a process of its own, killed (SIGKILL) at its dies_at-th file operation (an open for
+    writing, or a rename); 0: never. counts: a file that receives how many operations it made."""
+    made = [0]
+
+    def dies(real, counted):
+        def operation(*args, **kwargs):
+            if counted(*args, **kwargs):
+                made[0] += 1
+                if made[0] == dies_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        return operation
+    gp.open = dies(open, lambda path, mode="r", *args, **kwargs: "w" in mode)
+    os.replace = dies(os.replace, lambda *args, **kwargs: True)
+    code = gp.main(argv)
+    if counts:
+        counts.write_text(str(made[0]))  # (a Path: its own open, not glow_parts')
+    sys.exit(code)
+
+
+def glow_process(argv, **kwargs):
+    """A started process running glow_main, forked from a server that loaded torch once (not seconds each)."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["test_glow_parts"])
+    process = context.Process(target=glow_main, args=(argv,), kwargs=kwargs)
+    process.start()
+    return process
+
+
+def run_dies_at(n, flags, out, counts=None):  # the exit code of a run killed at its n-th file operation
+    process = glow_process(flags + ["--out", str(out)], dies_at=n, counts=counts)
+    process.join(300)
+    return process.exitcode
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", gp.MODES)
 def test_kill_9_then_resume_continues_exactly_like_an_uninterrupted_run(mode, tmp_path):
     flags = TINY + ["--mode", mode, "--epochs", "3", "--finetune", "1"]
     assert gp.main(flags + ["--out", str(tmp_path / "straight")]) == 0
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "glow_parts.py", *flags, "--out", str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (out / "metrics.jsonl").exists() and proc.poll() is None:  # the first checkpoint
+    process = glow_process(flags + ["--out", str(out)])
+    while not (out / "metrics.jsonl").exists() and process.is_alive():  # the first checkpoint
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    process.kill()  # SIGKILL
+    process.join()
+    assert process.exitcode == -signal.SIGKILL, "the run ended before it could be killed"
     assert gp.main(flags + ["--out", str(out), "--resume"]) == 0  # the dead run's lock is gone with it
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(out)
     assert [m["epoch"] for m in resumed] == list(range(1, 5))
     assert [m["part_losses"] for m in resumed] == [m["part_losses"] for m in straight]
 
 
-DIES_AT = """
-import os, signal, sys
-import glow_parts as gp
-n, count = int(sys.argv[1]), [0]
-def dies(real, counts):  # killed at file operation n (an open for writing, or a rename); n = 0: count them
-    def operation(*args, **kwargs):
-        if counts(*args, **kwargs):
-            count[0] += 1
-            if count[0] == n:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
-    return operation
-gp.open = dies(open, lambda path, mode="r", *args, **kwargs: "w" in mode)
-os.replace = dies(os.replace, lambda *args, **kwargs: True)
-code = gp.main(sys.argv[2:])
-print(f"file operations: {count[0]}")
-sys.exit(code)
-"""
-
-
-def run_dies_at(n, flags, out):
-    return subprocess.run([sys.executable, "-c", DIES_AT, str(n), *flags, "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.slow
 def test_killed_at_every_file_operation_of_its_saves_a_run_is_continued_as_its_advice_says_and_ends_bit_identical(
         tmp_path, capsys):
     flags = TINY + ["--subset", "64", "--test-subset", "32", "--mode", "alternate", "--epochs", "2", "--ema", "0.9"]
-    counted = run_dies_at(0, flags, tmp_path / "straight")  # an uninterrupted run, its file operations counted
-    assert counted.returncode == 0, counted.stderr[-2000:]
-    operations = int(counted.stdout.splitlines()[-1].split(":")[1])
+    counts = tmp_path / "operations"  # an uninterrupted run, its file operations counted
+    assert run_dies_at(0, flags, tmp_path / "straight", counts) == 0
+    operations = int(counts.read_text())
     assert operations >= 2 * 2  # at least a write and a rename of each epoch's checkpoint
     straight, after_the_last = read_metrics(tmp_path / "straight"), []
     for n in range(1, operations + 1):
         out = tmp_path / f"killed-at-{n}"
-        proc = run_dies_at(n, flags, out)
-        assert proc.returncode == -signal.SIGKILL, (n, proc.stderr[-2000:])
+        assert run_dies_at(n, flags, out) == -signal.SIGKILL, n
         again = []  # no checkpoint: the same command starts it again
         if (out / "checkpoint.pt").exists():  # the same command refuses, and its advice is --resume
             capsys.readouterr()
@@ -773,7 +777,8 @@ def test_a_signal_stops_the_run_with_one_line_naming_the_kept_checkpoint_even_wh
 def test_ctrl_c_while_torch_loads_ends_the_command_at_once_without_a_traceback(tmp_path):
     proc = subprocess.Popen([sys.executable, "glow_parts.py", *TINY, "--epochs", "50", "--out", str(tmp_path / "r")],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.2)  # Python itself has started
+    while proc.poll() is None and "/torch/" not in open(f"/proc/{proc.pid}/maps").read():
+        time.sleep(0.01)  # until torch loads: Python has started and run the command's first lines
     while proc.poll() is None:  # Ctrl-C again and again: while torch loads (seconds), then while it trains
         proc.send_signal(signal.SIGINT)
         time.sleep(0.1)
@@ -961,11 +966,11 @@ def test_data_parallel_averages_each_parts_gradients_over_the_processes(tmp_path
 @pytest.mark.slow
 def test_ddp_on_two_processes_trains_one_run_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path):
     flags = TINY + ["--mode", "alternate", "--ema", "0.9"]
-    proc = torchrun(2, "glow_parts.py", flags + ["--epochs", "4", "--out", str(tmp_path / "straight")])
+    proc = torchrun(2, "glow_parts.py", flags + ["--epochs", "2", "--out", str(tmp_path / "straight")])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("epoch ") == 4 and "Traceback" not in proc.stderr  # process 0 alone logs
-    assert torchrun(2, "glow_parts.py", flags + ["--epochs", "2", "--out", str(tmp_path / "cut")]).returncode == 0
-    proc = torchrun(2, "glow_parts.py", flags + ["--epochs", "4", "--out", str(tmp_path / "cut"), "--resume"])
+    assert proc.stdout.count("epoch ") == 2 and "Traceback" not in proc.stderr  # process 0 alone logs
+    assert torchrun(2, "glow_parts.py", flags + ["--epochs", "1", "--out", str(tmp_path / "cut")]).returncode == 0
+    proc = torchrun(2, "glow_parts.py", flags + ["--epochs", "2", "--out", str(tmp_path / "cut"), "--resume"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "cut")
     assert without_seconds(resumed) == without_seconds(straight)
