@@ -47,7 +47,7 @@ def sweep(cfg, splits, seeds, timings=(), jobs=1, margin=stats.MARGIN, log=print
     work = [(cfg, splits, seed, timings) for seed in seeds]
     if jobs > 1:  # each seed in a process of its own (spawned: a fresh torch), the experiment's locks held here
         import multiprocessing
-        with multiprocessing.get_context("spawn").Pool(jobs, initializer=quiet_worker) as pool:
+        with multiprocessing.get_context("spawn").Pool(jobs, quiet_worker, (os.getpid(),)) as pool:
             done = pool.map(seed_runs, work, chunksize=1)
     else:
         done = [seed_runs(w, log) for w in work]
@@ -61,11 +61,19 @@ def sweep(cfg, splits, seeds, timings=(), jobs=1, margin=stats.MARGIN, log=print
     return summary
 
 
-def quiet_worker():
-    """A seed's process: Ctrl-C goes to the sweep, which ends its processes (SIGTERM: at once; every file
-    is written atomically)."""
+def quiet_worker(sweep_pid):
+    """A seed's process: Ctrl-C goes to the sweep, which ends its processes (SIGTERM: at once; every file is
+    written atomically), and it ends with the sweep, a kill -9 included, instead of training on alone."""
+    import ctypes
     import signal
+    import threading
+
+    from tqdm import tqdm
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tqdm.set_lock(threading.RLock())  # not a process-shared lock, which a process ended by SIGTERM would leak
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux): SIGTERM when the sweep ends
+    if os.getppid() != sweep_pid:  # it ended before that
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def full_stages(splits, timings):

@@ -181,13 +181,13 @@ def test_a_sweep_killed_at_any_point_continues_with_the_same_command_and_loses_n
     assert gp.command("sweep.py", sweep.run_sweep, args + ["--out", str(tmp_path / "straight")]) == 0
     out = tmp_path / "killed"
     for n_checkpoints, how in ((1, signal.SIGKILL), (4, signal.SIGTERM)):  # stopped twice; the third command finishes
-        proc = subprocess.Popen([sys.executable, "experiments/sweep.py", *args, "--out", str(out)], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "experiments/sweep.py", *args, "--jobs", "2", "--out", str(out)],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         while len(list(out.glob("seed*/*/metrics.jsonl"))) < n_checkpoints and proc.poll() is None:
             time.sleep(0.02)
         proc.send_signal(how)
         assert proc.wait() == (-signal.SIGKILL if how == signal.SIGKILL else 143)
-    err = proc.stderr.read()  # one line, naming the signal and the sweep's directory, where its runs are kept
+    err = proc.stderr.read()  # one line (its seeds' processes add none), naming the signal and where runs are kept
     assert err.startswith("sweep.py: interrupted (SIGTERM)") and err.count("\n") == 1 and str(out) in err, err
     for leftover in ("plan.json.tmp", "seed1/alternate4+finetune2/checkpoint.pt.tmp"):  # killed amid a copy or a plan
         (out / leftover).parent.mkdir(parents=True, exist_ok=True)
