@@ -241,10 +241,9 @@ def check_arguments(**arguments):
             check_setting(settings[name], list(value) if type(value) is tuple else value, name)
 
 def isolate(h, const):
-    """Where two parts meet: the ONE place gradient isolation happens. h is part k's input h_{k-1}; const
-    holds the earlier parts' log-dets and split log-priors.
-      - h.detach(): part k's loss reaches no part before it; no gradient crosses a part boundary.
-      - const.detach(): the earlier terms, constants for part k, add to L_k's value and to no gradient.
+    """Where two parts meet: the ONE place gradient isolation happens. h is part k's input h_{k-1}; const,
+    the earlier parts' log-dets and split log-priors. h.detach(): part k's loss reaches no part before it.
+    const.detach(): the earlier terms, constants for part k, add to L_k's value and to no gradient.
     For cost alone, Glow.truncated keeps no graph before the first learning part, runs none after the last."""
     return h.detach(), const.detach()
 
@@ -302,8 +301,7 @@ class Glow(nn.Module):
                 C //= 2
                 shapes[owner[last]] = (C, S, S)
         learned = [k == len(parts) - 1 or part_prior == "learned" for k in range(len(parts))]  # top: always
-        self.parts = nn.ModuleList(Part(mine, GaussianPrior(shape, learn)) for mine, shape, learn in
-                                   zip(layers, shapes, learned))
+        self.parts = nn.ModuleList(map(Part, layers, map(GaussianPrior, shapes, learned)))
 
     @torch.no_grad()
     def initialize(self, x):
@@ -505,8 +503,7 @@ class Config:
     warmup: int | None = setting(None, "linear warmup over a part's first N updates; None: its turns in an "
                                  "epoch, at most 500", int, 1)
     decay: int | list | None = setting(None, "then every rate falls on a half cosine to 0 at epoch N; N,M: "
-                                       "one per phase, the mechanism's N epochs, then finetuning's M", int, 1,
-                                       many=True)
+                                       "one per phase: the mechanism's N, finetuning's M", int, 1, many=True)
     alternate_every: int = setting(1, "steps per turn in alternate mode", int, 1)
     clip: float | None = setting(None, "clip each learning part's gradient to this norm", float, 0.0)
     compile: bool | None = setting(None, "torch.compile each part; None: on a GPU, not a CPU (minutes)", bool)
@@ -581,8 +578,7 @@ def losses(model, x, phase, learning):
     return [model.bits_per_dim(log_prob).mean() for log_prob in model.truncated(x, learning)]
 
 def step_parts(run, learning, decay=1.0):
-    """Step the learning parts' Adams, each at its own rate times `decay`, warmed up linearly over the
-    part's own first cfg.warmup updates. The other parts' Adams keep their moments until their turn."""
+    """Step each learning part's Adam: its rate times `decay`, warmed up over its first cfg.warmup updates."""
     for k in learning:
         for group in run.optimizers[k].param_groups:
             group["lr"] = run.cfg.lr[k] * min(1.0, (run.updates[k] + 1) / run.cfg.warmup) * decay
@@ -767,7 +763,6 @@ def unsound_values(ckpt):
     adam = [g for o in ckpt["optimizers"] for g in o["param_groups"]]
     if not all(0 <= g["betas"][0] < 1 and 0 <= g["betas"][1] < 1 and 0 < g["eps"] < 1 for g in adam):
         return "Adam settings out of range (betas in [0, 1), eps in (0, 1))"
-    return None
 
 def save_checkpoint(run):
     """Everything a resume needs: the config, weights, every part's Adam, counters, RNG, metrics, scores."""
@@ -806,7 +801,8 @@ def load_checkpoint(path):
                  "scores": len(ckpt["scores"]) == epoch
                  and all(s.dtype == torch.float32 and s.shape == (n_test,) for s in ckpt["scores"])}
         if not all(agree.values()):
-            raise UsageError(f"its {', '.join(k for k in agree if not agree[k])} do not agree with its history and config")
+            raise UsageError(f"its {', '.join(k for k in agree if not agree[k])} do not agree with its "
+                             f"history and config")
         unsound = unsound_values(ckpt)
         if unsound:
             raise UsageError(f"it holds {unsound}")
@@ -901,11 +897,10 @@ def make_parser(description, without=()):
     """Config's fields but those `without` as flags; one not given keeps Config's (--resume: the run's)."""
     p = Parser(description=description, allow_abbrev=False)  # --mode is not --modes
     p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")  # -1e-3: a value, too
-    parse = {"parts": comma_list(int), "lr": comma_list(float), "decay": comma_list(int)}
     for f in (f for f in fields(Config) if f.name not in without):
         m = f.metadata
         how = ({"action": argparse.BooleanOptionalAction} if m["kind"] is bool else
-               {"type": parse.get(f.name, m["kind"]), "choices": m["choices"]})
+               {"type": comma_list(m["kind"]) if m["many"] else m["kind"], "choices": m["choices"]})
         p.add_argument(flags([f.name]), default=argparse.SUPPRESS, help=f"{m['help']} (default: {f.default})",
                        **how)
     return p
