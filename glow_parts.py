@@ -242,8 +242,8 @@ def check_arguments(**arguments):
 
 def isolate(h, const):
     """Where two parts meet: the ONE place gradient isolation happens. h is part k's input h_{k-1}; const,
-    the earlier parts' log-dets and split log-priors. h.detach(): part k's loss reaches no part before it.
-    const.detach(): the earlier terms, constants for part k, add to L_k's value and to no gradient.
+    the earlier parts' log-dets and split log-priors. h.detach(): no gradient crosses a part boundary, part
+    k's loss reaches no part before it. const.detach(): constants for part k, in L_k's value, in no gradient.
     For cost alone, Glow.truncated keeps no graph before the first learning part, runs none after the last."""
     return h.detach(), const.detach()
 
