@@ -324,8 +324,9 @@ def run_sweep(argv, where):
                                                                       f"(default: {stats.MARGIN}, pre-registered)")
     p.add_argument("--jobs", type=int, default=1, help="seeds trained at a time, each in its own process (give each "
                                                        "one thread: OMP_NUM_THREADS=1)")
-    p.add_argument("--results", help="recompute every statistic from a sweep's result files PREFIX.json and "
-                                     "PREFIX-scores.npz (nothing trains; nothing is written)")
+    p.add_argument("--results", type=lambda t: t.split(","),
+                   help="recompute every statistic from a sweep's result files PREFIX.json and PREFIX-scores.npz, "
+                        "or from several sweeps' (PREFIX,PREFIX: other seeds, same settings); nothing trains")
     args = p.parse_args(argv)
     no_torchrun("the sweep trains its runs")
     if not 0 < args.margin < 1 or args.jobs < 1:
@@ -349,18 +350,32 @@ def run_sweep(argv, where):
         return sweep(cfg, splits, seeds, timings, args.jobs, args.margin)
 
 
-def rescore(prefix, timings, margin):
-    """The summary recomputed from a sweep's result files (PREFIX.json, PREFIX-scores.npz)."""
+def rescore(prefixes, timings, margin):
+    """The summary recomputed from the result files (PREFIX.json, PREFIX-scores.npz) of a sweep, or of sweeps of
+    the same settings over different seeds (a sweep run in batches), as if one sweep had trained every seed."""
+    olds, arrays = [], {}
+    for prefix in prefixes:
+        try:
+            olds.append(json.load(open(prefix + ".json")))
+            arrays.update(np.load(prefix + "-scores.npz"))
+            settings = ({**olds[-1]["config"], "out": None}, olds[-1]["splits"], olds[-1]["trim"])
+        except OSError as e:
+            raise gp.UsageError(f"--results {prefix}: cannot read {e.filename} ({e.strerror})") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise gp.UsageError(f"--results {prefix}: not a sweep's result files ({type(e).__name__})") from None
+        if len(olds) == 1:
+            first = settings
+        elif settings != first or set(olds[-1]["seeds"]) & {s for old in olds[:-1] for s in old["seeds"]}:
+            raise gp.UsageError(f"--results {prefix}: a sweep of other settings than {prefixes[0]}'s, or of a seed "
+                                f"it has: want one setting, each seed once")
     try:
-        old, arrays = json.load(open(prefix + ".json")), dict(np.load(prefix + "-scores.npz"))
-        cfg = gp.Config(**{**old["config"], "seed": 0})
-        return summarize(cfg, old["seeds"], [tuple(s) for s in old["splits"]], old["per_seed"], arrays, timings,
-                         margin)
-    except OSError as e:
-        raise gp.UsageError(f"--results {prefix}: cannot read {e.filename} ({e.strerror})") from None
+        per_seed = sorted((d for old in olds for d in old["per_seed"]), key=lambda d: d["seed"])
+        cfg = gp.Config(**{**olds[0]["config"], "seed": 0})
+        return summarize(cfg, [d["seed"] for d in per_seed], [tuple(s) for s in olds[0]["splits"]], per_seed, arrays,
+                         timings, margin)
     except (ValueError, KeyError, TypeError) as e:
-        raise gp.UsageError(f"--results {prefix}: not a sweep's result files ({type(e).__name__}: {e})") from None
-
+        raise gp.UsageError(f"--results {','.join(prefixes)}: not a sweep's result files ({type(e).__name__}: {e})"
+                            ) from None
 
 if __name__ == "__main__":
     sys.exit(gp.command("sweep.py", run_sweep))

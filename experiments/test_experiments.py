@@ -160,8 +160,18 @@ def test_sweep_branches_equal_separate_runs_for_every_seed_and_its_statistics_re
     if not extra:
         return
     # every statistic, recomputed from the result files alone
-    again = sweep.rescore(str(tmp_path / "sweep" / "sweep"), [json.loads(costs.read_text())], summary["margin"])
+    days, prefix = [json.loads(costs.read_text())], str(tmp_path / "sweep" / "sweep")
+    again = sweep.rescore([prefix], days, summary["margin"])
     assert json.loads(json.dumps(again["by_split"])) == summary["by_split"]
+    for seed in (1, 0):  # the same sweep as two batches of one seed each, merged
+        one = {**json.load(open(prefix + ".json")), "seeds": [seed]}
+        one["per_seed"] = [d for d in one["per_seed"] if d["seed"] == seed]
+        (tmp_path / f"seed{seed}.json").write_text(json.dumps(one))
+        np.savez(tmp_path / f"seed{seed}-scores.npz", **{k: v for k, v in arrays.items() if k.startswith(f"seed{seed}/")})
+    batches = [str(tmp_path / "seed1"), str(tmp_path / "seed0")]
+    assert json.loads(json.dumps(sweep.rescore(batches, days, summary["margin"])["by_split"])) == summary["by_split"]
+    with pytest.raises(gp.UsageError, match="seed1"):  # a seed twice
+        sweep.rescore([prefix, batches[0]], days, summary["margin"])
     b = summary["by_split"][0]
     assert {"gap_robust", "test", "gap_mean", "gap_mean_ci", "time", "equal_time", "outlier_share"} <= set(b)
     assert b["test"]["ci95"][0] <= b["gap_robust"] <= b["test"]["ci95"][1]
