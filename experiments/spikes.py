@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 
+import stats
 from common import check_output, gp, largest_rise, markdown_table, read_curve, read_json
 
 
@@ -45,17 +46,29 @@ def spikes(conditions, epochs, after, threshold, statistic="median"):
     return result
 
 
+def counts_test(result):
+    """Per condition after the first: Fisher's exact p of its spike count against the first's, and the power
+    those seeds had against the largest effect of the kind tested (the first's rate of spikes falling to 0)."""
+    (first, base), n = next(iter(result.items())), len(next(iter(result.values())))
+    a = sum(r["spike"] for r in base)
+    return {label: {"fisher_p": stats.fisher_p(a, sum(r["spike"] for r in runs), n),
+                    "power_against_none": stats.fisher_power(n, a / n, 0.0)} for label, runs in result.items()
+            if label != first}
+
+
 def table(result):
-    labels = list(result)
+    labels, tests = list(result), counts_test(result)
     rows = [[label, f"{sum(r['spike'] for r in runs)} of {len(runs)}",
              ", ".join(f"+{r['largest_late_rise']:.2f}" + (f" (ep {r['epoch']})" if r["epoch"] else "") for r in runs),
              f"{statistics.fmean(r['bpd_at_end'] for r in runs):.3f} ± "
              f"{statistics.stdev(r['bpd_at_end'] for r in runs) if len(runs) > 1 else 0:.3f}",
              "-" if label == labels[0] else " ".join(f"{b['bpd_at_end'] - a['bpd_at_end']:+.3f}" for a, b in
-                                                     zip(result[labels[0]], runs))]
+                                                     zip(result[labels[0]], runs)),
+             "-" if label == labels[0] else f"{tests[label]['fisher_p']:.2f} ({tests[label]['power_against_none']:.2f})"]
             for label, runs in result.items()]
     return markdown_table(["condition", "late spikes", "largest late rise per seed", "bpd at the end (mean ± sd)",
-                           f"per seed, minus {labels[0]}"], rows)
+                           f"per seed, minus {labels[0]}", f"Fisher's p against {labels[0]} (power against none)"],
+                          rows)
 
 
 def parse_condition(text):
@@ -93,7 +106,8 @@ def run_spikes(argv, where):
     where["note"] = lambda out: f"{path} was not written"
     os.makedirs(args.out, exist_ok=True)
     gp.write_atomic(path, json.dumps({"epochs": args.epochs, "after": args.after, "threshold": args.threshold,
-                                      "statistic": args.statistic, "conditions": result}, indent=1).encode())
+                                      "statistic": args.statistic, "conditions": result,
+                                      "counts_test": counts_test(result)}, indent=1).encode())
     print(table(result))
 
 

@@ -73,6 +73,19 @@ def coverage(interval, n, reps=2000, seed=0):
     return float(np.mean([lo <= 0 <= hi for lo, hi in (interval(rng.normal(0, 1, n)) for _ in range(reps))]))
 
 
+def fisher_p(a, b, n):
+    """Fisher's exact test, two-sided: a of n runs against b of n runs (say, runs that spiked)."""
+    return float(scipy_stats.fisher_exact([[a, n - a], [b, n - b]])[1])
+
+
+def fisher_power(n, p1, p2, alpha=0.05):
+    """The power of fisher_p at level alpha with n runs a condition, where a run has chance p1 under the first
+    and p2 under the second: the chance of p < alpha, summed exactly over every pair of counts."""
+    chance = lambda k, p: scipy_stats.binom.pmf(k, n, p)  # noqa: E731
+    return float(sum(chance(a, p1) * chance(b, p2) for a in range(n + 1) for b in range(n + 1)
+                     if fisher_p(a, b, n) < alpha))
+
+
 def quiet_costs(timing, evaluation=False):
     """Per-epoch seconds {full, alternate, finetune} from a timing file (experiments/timing.py): medians,
     with the evaluation's cost added to each if evaluation."""

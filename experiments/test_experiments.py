@@ -376,6 +376,8 @@ def test_spikes_counts_only_late_rises_above_the_threshold_against_the_best_so_f
     assert result["plain"][0]["largest_rise_anywhere"] == [5, pytest.approx(3.0 - 0.01)]
     assert result["plain"][1]["bpd_at_end"] == pytest.approx(5.0 - 0.4 - 0.1)
     assert "| plain | 1 of 3 |" in capsys.readouterr().out
+    tested = json.loads((out / "spikes.json").read_text())["counts_test"]["other"]  # 1 of 3 against 1 of 3
+    assert tested == {"fisher_p": 1.0, "power_against_none": pytest.approx(stats.fisher_power(3, 1 / 3, 0.0))}
     assert gp.command("spikes.py", spikes.run_spikes, ["--epochs", "50", "--out", str(out), "p:" + plain[0]]) == 2
     err = one_error_line(capsys, "spikes.py")
     assert "--epochs" in err and plain[0] in err, err  # the run that is too short
@@ -425,6 +427,16 @@ def test_the_coverage_simulation_finds_the_t_interval_nominal_and_a_bootstrap_ov
     assert 0.72 <= stats.coverage(stats.seed_bootstrap, 3, reps=2000) <= 0.80  # 1 in 27 draws repeats one seed
     assert stats.coverage(lambda v: [-1e9, 1e9], 3, reps=10) == 1.0
     assert stats.coverage(lambda v: [1, 2], 3, reps=10) == 0
+
+
+def test_fishers_test_and_its_power_over_six_seeds_give_hand_computed_answers():
+    assert stats.fisher_p(6, 0, 6) == pytest.approx(2 / 924)  # the two most extreme of C(12, 6) tables
+    assert stats.fisher_p(3, 3, 6) == 1.0
+    assert stats.fisher_power(6, 1.0, 0.0) == 1.0  # 6 of 6 against 0 of 6, always
+    # from every run spiking to one in six: 6 vs 0 or 1 decides (p = 0.002, 0.015), 6 vs 2 does not (0.061)
+    assert stats.fisher_p(6, 2, 6) > 0.05 > stats.fisher_p(6, 1, 6)
+    assert stats.fisher_power(6, 1.0, 1 / 6) == pytest.approx((5 / 6) ** 6 + 6 * (1 / 6) * (5 / 6) ** 5)
+    assert stats.fisher_power(6, 0.5, 0.5) < 0.05  # no difference: rejected less often than alpha
 
 
 def test_the_t_test_over_seeds_and_the_cost_axis_give_hand_computed_answers():
