@@ -6,12 +6,12 @@ experiments/spikes.py: how often alternate training spikes late, under each cond
         "beta2 0.99:runs/spike-b2-seed0,...,runs/spike-b2-seed5"
 
 Each argument is a condition, "label:run directory,run directory,...", the directories in seed order
-(the same order in every condition, so that they pair up). A late spike (fixed before the runs were
-seen): the raw weights' test bits/dim rises more than --threshold above its best so far, after epoch
---after, within the first --epochs epochs. Per run: its largest such rise and its epoch, and the test
-bits/dim (averaged weights) at --epochs; per condition: the spikes counted, and that score over seeds;
-between the first condition and each other one: the score's per-seed differences. Results:
-out/spikes.json and a table.
+(the same order in every condition, so that they pair up). A late spike (the rule of the
+pre-registration of 2026-12-03): the raw weights' test bits/dim rises more than --threshold above its
+best so far, after epoch --after, within the first --epochs epochs. Per run: its largest such rise and
+its epoch, and the test bits/dim (averaged weights) at --epochs; per condition: the spikes counted, and
+that score over seeds; between the first condition and each other one: the score's per-seed
+differences. Results: out/spikes.json and a table.
 """
 import argparse
 import json

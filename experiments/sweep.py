@@ -28,8 +28,8 @@ from dataclasses import asdict, replace
 import numpy as np
 
 import stats
-from common import (claim_experiment, experiment_run, gp, lab_config, largest_rise, markdown_table, no_torchrun,
-                    plan_of, read_curve, read_timing, runs_note, write_results)
+from common import (check_output, claim_experiment, experiment_run, gp, lab_config, largest_rise, markdown_table,
+                    no_torchrun, plan_of, read_curve, read_timing, runs_note, write_results)
 
 
 def branch(trunk_out, out, epoch):
@@ -287,6 +287,43 @@ def plot_sweep(summary, file):
     fig.savefig(file, dpi=110, format="png")
 
 
+FIGURE_TAG = "experiments/sweep.py --figure"  # in the PNG's metadata: a file this script may write over
+
+
+def plot_verdicts(summary, file):
+    """The test, drawn: for each split at equal epochs and at equal time, every seed's robust gap (dots), their
+    mean with its 90 % (thick) and 95 % (thin) t intervals, the margin's band and the verdict."""
+    from matplotlib.figure import Figure
+    rows = [(f"{b['alternate_epochs']} + {b['finetune_epochs']}, equal epochs", b) for b in summary["by_split"]]
+    rows += [(f"{b['alternate_epochs']} + {b['finetune_epochs']}, equal time (full: {e['epoch']})", e)
+             for b in summary["by_split"] for e in b.get("equal_time", [])[:1] if e.get("test")]
+    fig = Figure(figsize=(8, 1.6 + 0.55 * len(rows)))
+    ax = fig.subplots()
+    margin = summary["margin"]
+    ax.axvspan(-margin, margin, color="C2", alpha=0.2, label=f"the margin, ±{margin}")
+    ax.axvline(0, color="grey", linewidth=0.6)
+    for y, (label, r) in enumerate(rows):
+        ax.plot(r["gap_robust_per_seed"], [y - 0.2] * len(r["gap_robust_per_seed"]), "o", color="grey",
+                markersize=3, label="a seed" if y == 0 else None)
+        ax.plot(r["test"]["ci95"], [y, y], "k-", linewidth=1, label="95 % t interval" if y == 0 else None)
+        ax.plot(r["test"]["ci90"], [y, y], "k-", linewidth=4, label="90 %" if y == 0 else None)
+        ax.plot(r["gap_robust"], y, "wd", markeredgecolor="k", label="mean" if y == 0 else None)
+        ax.text(1.02, y, r["test"]["verdict"], transform=ax.get_yaxis_transform(), va="center")
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    ax.set_ylim(len(rows) - 0.5, -0.7)
+    ax.set(xlabel="robust paired gap, alternate A + finetune F minus full (bits/dim)",
+           title=f"{len(summary['seeds'])} seeds: is alternate + finetune within the margin of full training?")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(file, dpi=110, format="png", metadata={"Software": FIGURE_TAG})
+
+
+def read_figure(path, flag):
+    """A figure this script drew (its tag in the PNG's metadata); else a UsageError."""
+    if FIGURE_TAG.encode() not in open(path, "rb").read(4096):
+        raise gp.UsageError(f"{flag} {path}: not a figure of sweep.py --results")
+
+
 def parse_splits(text):
     """75+15,45+45: alternate epochs (at least 1) + finetuning epochs."""
     splits = [tuple(int(v) for v in s.split("+")) for s in text.split(",")]
@@ -327,13 +364,23 @@ def run_sweep(argv, where):
     p.add_argument("--results", type=lambda t: t.split(","),
                    help="recompute every statistic from a sweep's result files PREFIX.json and PREFIX-scores.npz, "
                         "or from several sweeps' (PREFIX,PREFIX: other seeds, same settings); nothing trains")
+    p.add_argument("--figure", help="with --results: draw the test (each split's seeds, intervals, margin) to this PNG")
     args = p.parse_args(argv)
     no_torchrun("the sweep trains its runs")
     if not 0 < args.margin < 1 or args.jobs < 1:
         raise gp.UsageError(f"want --margin in (0, 1) and --jobs at least 1, got {args.margin} and {args.jobs}")
     timings = [read_timing(t) for t in args.timing]
+    if args.figure and not args.results:
+        raise gp.UsageError("--figure draws the result files of --results (a sweep draws out/sweep.png)")
+    if args.figure:
+        check_output(args.figure, read_figure, "--figure")
     if args.results:
-        return print(sweep_table(rescore(args.results, timings, args.margin)))
+        summary = rescore(args.results, timings, args.margin)
+        if args.figure:
+            png = io.BytesIO()
+            plot_verdicts(summary, png)
+            gp.write_atomic(args.figure, png.getvalue())
+        return print(sweep_table(summary))
     splits, seeds = sorted(set(args.budgets + args.splits)), sorted(set(args.seeds))
     if not splits:
         raise gp.UsageError("give --budgets and/or --splits")

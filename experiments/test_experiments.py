@@ -180,9 +180,16 @@ def test_sweep_branches_equal_separate_runs_for_every_seed_and_its_statistics_re
     E = b["equal_time"][0]["epoch"]  # full training was evaluated on the whole split at its equal-time epoch
     assert b["equal_time"][0]["images"] == "whole test split" and f"seed1/full{E}" in arrays
     capsys.readouterr()
-    assert gp.command("sweep.py", sweep.run_sweep, ["--results", str(tmp_path / "sweep" / "sweep"), "--timing",
-                                                    str(costs)]) == 0
-    assert f"| {b['gap_robust']:+.3f} |" in capsys.readouterr().out
+    figure, foreign = tmp_path / "verdicts.png", tmp_path / "foreign.png"
+    foreign.write_bytes(b"\x89PNG not ours")
+    results = ["--results", str(tmp_path / "sweep" / "sweep"), "--timing", str(costs)]
+    for _ in range(2):  # drawn, then drawn again over its own figure
+        assert gp.command("sweep.py", sweep.run_sweep, results + ["--figure", str(figure)]) == 0
+        assert f"| {b['gap_robust']:+.3f} |" in capsys.readouterr().out
+        assert figure.read_bytes().startswith(b"\x89PNG") and sweep.FIGURE_TAG.encode() in figure.read_bytes()
+    assert gp.command("sweep.py", sweep.run_sweep, results + ["--figure", str(foreign)]) == 2  # not its file
+    assert foreign.read_bytes() == b"\x89PNG not ours" and "--figure" in capsys.readouterr().err
+    assert gp.command("sweep.py", sweep.run_sweep, ["--splits", "1+1", "--figure", str(figure)]) == 2  # no results
 
 
 @pytest.mark.slow
